@@ -1,0 +1,198 @@
+"""Baseline methods for few-shot concept retrieval, one module per method.
+
+Every public module of this package (a name that does not start with ``_``) is
+imported by :func:`discover_baselines`, and every concrete :class:`SetMethod`
+subclass defined in it is registered under its ``name``. Adding a baseline
+therefore means adding one file; ``docs/adding_a_baseline.md`` walks through it.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import inspect
+import logging
+import pkgutil
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any, ClassVar
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SetMethod", "discover_baselines", "get_baseline"]
+
+
+class SetMethod(abc.ABC):
+    """A method that fits a model to one concept set and scores a gallery. It sees descriptors only.
+
+    Subclasses set the class attributes below and implement :meth:`fit` and
+    :meth:`score`. Parameters are passed as keyword arguments, merged over
+    ``default_params`` and stored in ``self.params``. A subclass validates
+    them by overriding :meth:`_check_params`.
+
+    Attributes
+    ----------
+    name : str
+        Registry key, e.g. ``"mean_embedding"``, used in the config.
+    needs_background : bool
+        True if the method needs descriptors of meta-training images (e.g. as
+        negatives), which the caller passes to :meth:`set_background` before
+        the first :meth:`fit`.
+    default_params : Mapping[str, Any]
+        Accepted parameters and their default values.
+    params : dict[str, Any]
+        Parameters of this instance, defaults included.
+    """
+
+    name: ClassVar[str]
+    needs_background: ClassVar[bool] = False
+    default_params: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.default_params))
+        if unknown:
+            accepted = sorted(self.default_params) or "none"
+            raise ValueError(
+                f"{type(self).__name__} got unknown parameter(s) {unknown}. "
+                f"Accepted parameters: {accepted}."
+            )
+
+        self.params: dict[str, Any] = {**self.default_params, **params}
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """Raise ``ValueError`` if a value in ``self.params`` is invalid.
+
+        The default accepts all values.
+        """
+
+    def set_background(self, descriptors: np.ndarray, concepts: np.ndarray) -> None:
+        """Store descriptors of meta-training images. The default ignores them.
+
+        Parameters
+        ----------
+        descriptors : ndarray of shape (N_bg, D)
+        concepts : ndarray of shape (N_bg,)
+            Concept label of every background descriptor.
+        """
+
+    @abc.abstractmethod
+    def fit(self, concept_set: np.ndarray) -> SetMethod:
+        """Fit the model to one concept set.
+
+        Parameters
+        ----------
+        concept_set : ndarray of shape (n, D)
+            Descriptors of the set, possibly including noise images.
+
+        Returns
+        -------
+        self : SetMethod
+        """
+
+    @abc.abstractmethod
+    def score(self, gallery: np.ndarray) -> np.ndarray:
+        """Score gallery descriptors. A higher score means more likely the concept.
+
+        Parameters
+        ----------
+        gallery : ndarray of shape (M, D)
+
+        Returns
+        -------
+        scores : ndarray of shape (M,)
+        """
+
+    def get_params(self) -> dict[str, Any]:
+        """Return a copy of the parameters, defaults included."""
+        return dict(self.params)
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self.params.items())
+        return f"{type(self).__name__}({arguments})"
+
+
+def _methods_defined_in(module: ModuleType) -> list[type[SetMethod]]:
+    return [
+        cls
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, SetMethod)
+        and cls.__module__ == module.__name__
+        and not inspect.isabstract(cls)
+    ]
+
+
+def discover_baselines(package: str | ModuleType | None = None) -> dict[str, type[SetMethod]]:
+    """Import every public module of a package and collect the SetMethod subclasses defined there.
+
+    Parameters
+    ----------
+    package : str or module, optional
+        Package to scan; defaults to this ``baselines`` package. Modules whose
+        name starts with ``_`` are skipped, and classes imported into a module
+        from elsewhere are not counted.
+
+    Returns
+    -------
+    registry : dict[str, type[SetMethod]]
+        Method classes keyed by their ``name``, sorted by name.
+
+    Raises
+    ------
+    ValueError
+        If a concrete subclass has no string ``name``, or two classes share a name.
+    """
+    if package is None:
+        package = __name__
+    if isinstance(package, str):
+        package = importlib.import_module(package)
+
+    registry: dict[str, type[SetMethod]] = {}
+    for module_info in pkgutil.iter_modules(package.__path__):
+        if module_info.name.startswith("_"):
+            continue
+
+        module = importlib.import_module(f"{package.__name__}.{module_info.name}")
+        for cls in _methods_defined_in(module):
+            _register(registry, cls)
+
+    logger.debug("Discovered baselines in %s: %s", package.__name__, sorted(registry))
+    return dict(sorted(registry.items()))
+
+
+def _register(registry: dict[str, type[SetMethod]], cls: type[SetMethod]) -> None:
+    qualified_name = f"{cls.__module__}.{cls.__qualname__}"
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"{qualified_name} has no valid name (got {name!r}). Set the class "
+            f"attribute name to a non-empty string such as 'my_method'."
+        )
+
+    if name in registry:
+        other = registry[name]
+        raise ValueError(
+            f"Duplicate baseline name {name!r}: defined by "
+            f"{other.__module__}.{other.__qualname__} and {qualified_name}. "
+            f"Rename one of them."
+        )
+    registry[name] = cls
+
+
+def get_baseline(name: str, **params: Any) -> SetMethod:
+    """Instantiate the baseline registered under ``name`` with ``params``.
+
+    Raises
+    ------
+    ValueError
+        If no baseline has that name (the message lists the available names),
+        or if a parameter is unknown or invalid.
+    """
+    registry = discover_baselines()
+    if name not in registry:
+        raise ValueError(
+            f"Unknown baseline {name!r}. Available baselines: {sorted(registry)}."
+        )
+    return registry[name](**params)

@@ -1,0 +1,54 @@
+import pytest
+
+from s2m.config import ConfigError, load_config, merge_configs
+
+
+def test_default_config_is_valid():
+    config = load_config()
+    assert config["datasets"] == ["omniglot", "caltech101"]
+    assert set(config["meta_trained"]) == {"avg", "s2m_gauss", "s2m_gmm_k2", "s2m_gmm_k4"}
+
+
+def test_tiny_config_is_valid():
+    from s2m.config import REPOSITORY_ROOT
+
+    config = load_config(REPOSITORY_ROOT / "config" / "tiny.yaml")
+    assert config["omniglot"]["meta_training"]["steps"] < 50
+
+
+def test_merge_is_recursive():
+    merged = merge_configs({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 5}})
+    assert merged == {"a": {"b": 5, "c": 2}, "d": 3}
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ({"device": "tpu"}, "'tpu'"),
+        ({"seed": -1}, "-1"),
+        ({"omniglot": {"protocols": {"noise-0.3": {"noise_fraction": 1.5}}}}, "1.5"),
+        ({"omniglot": {"meta_training": {"steps": 0}}}, "0"),
+        ({"datasets": ["mnist"]}, "'mnist'"),
+        ({"meta_trained": {"avg": {"label": "AVG", "set_model": "svm"}}}, "'svm'"),
+        ({"omniglot": {"pretraining": {"epochs": 2, "batch_size": 4, "learning_rate": 1, "momentum": 0.9}}}, "momentum"),
+    ],
+)
+def test_invalid_value_names_value(override, fragment):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=override)
+    assert fragment in str(error.value)
+
+
+def test_split_fractions_must_sum_to_one():
+    with pytest.raises(ConfigError, match=r"split_fractions must sum to 1, got \[0.5, 0.1, 0.1\]"):
+        load_config(overrides={"caltech101": {"build": {"split_fractions": [0.5, 0.1, 0.1]}}})
+
+
+def test_method_name_clash_rejected():
+    with pytest.raises(ConfigError, match="gmm"):
+        load_config(overrides={"meta_trained": {"gmm": {"label": "x", "set_model": "gmm", "n_components": 2}}})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")

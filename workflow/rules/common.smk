@@ -1,0 +1,47 @@
+# Names and paths shared by the rules.
+
+from s2m.config import check_config_consistency
+
+check_config_consistency(config)
+
+RESULTS = config["results_dir"]
+DATASETS = config["datasets"]
+VARIANTS = list(config["meta_trained"])
+BASELINES = list(config["baselines"])
+METHODS = BASELINES + VARIANTS
+THREADS = config["threads"]
+
+
+def _choice(names):
+    return "|".join(sorted(names, key=len, reverse=True))
+
+
+wildcard_constraints:
+    dataset=_choice(DATASETS),
+    variant=_choice(VARIANTS),
+    method=_choice(METHODS),
+    embedding=_choice(VARIANTS + ["pretrained"]),
+    protocol=r"[A-Za-z0-9._-]+",
+
+
+def dataset_dir(dataset):
+    return f"{RESULTS}/{dataset}/dataset"
+
+
+def manifest(wildcards):
+    return f"{dataset_dir(wildcards.dataset)}/manifest.json"
+
+
+def backbone_features(wildcards):
+    """The cached backbone features, for datasets embedded through a frozen backbone."""
+    if wildcards.dataset == "omniglot":
+        return []
+    return f"{RESULTS}/{wildcards.dataset}/features/backbone.npy"
+
+
+def protocols(dataset):
+    return list(config[dataset]["protocols"])
+
+
+def method_embedding(method):
+    return "pretrained" if method in config["baselines"] else method

@@ -1,0 +1,38 @@
+# Step 5: tables, figures and the report.
+
+
+rule table:
+    input:
+        lambda wildcards: expand(
+            f"{RESULTS}/{wildcards.dataset}/aps/{{method}}/{{protocol}}.csv",
+            method=METHODS,
+            protocol=protocols(wildcards.dataset),
+        ),
+    output:
+        csv=f"{RESULTS}/tables/{{dataset}}.csv",
+        markdown=f"{RESULTS}/tables/{{dataset}}.md",
+        figure=f"{RESULTS}/figures/{{dataset}}_map_vs_noise.png",
+    log:
+        f"{RESULTS}/logs/table/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/table/{{dataset}}.tsv"
+    script:
+        "../scripts/table.py"
+
+
+rule report:
+    input:
+        tables=expand(f"{RESULTS}/tables/{{dataset}}.md", dataset=DATASETS),
+        histories=expand(
+            f"{RESULTS}/{{dataset}}/models/{{variant}}_history.csv",
+            dataset=DATASETS,
+            variant=VARIANTS,
+        ),
+    output:
+        f"{RESULTS}/report.md",
+    log:
+        f"{RESULTS}/logs/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report.tsv"
+    script:
+        "../scripts/report.py"
