@@ -37,3 +37,17 @@ class MeanEmbedding(SetMethod):
         check_fitted(self, "mean_")
         gallery = check_descriptors(gallery, what="gallery", n_features=self.mean_.shape[0])
         return -np.linalg.norm(gallery - self.mean_, axis=1)
+
+    def fit_score_batch(self, concept_sets: list[np.ndarray], gallery: np.ndarray) -> np.ndarray:
+        """Score the gallery (M, D) against the mean of every set; return shape (len(concept_sets), M).
+
+        Gives the same scores as :meth:`fit` then :meth:`score` per set, with
+        one distance computation for all sets.
+        """
+        gallery = check_descriptors(gallery, what="gallery").astype(np.float64)
+        means = np.stack(
+            [check_descriptors(s, what="concept_set", n_features=gallery.shape[1]).mean(axis=0, dtype=np.float64)
+             for s in concept_sets]
+        )
+        squared = (means**2).sum(1)[:, None] + (gallery**2).sum(1)[None, :] - 2.0 * means @ gallery.T
+        return -np.sqrt(np.maximum(squared, 0.0))

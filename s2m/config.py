@@ -84,6 +84,15 @@ def check_config_consistency(config: dict) -> None:
                     f"set of {protocol['set_size']}. Lower noise_fraction."
                 )
 
+    backbone = config.get("caltech101", {}).get("backbone", {})
+    if backbone.get("kind") == "torchvision" and backbone.get("unfreeze_last_blocks", 0):
+        raise ConfigError(
+            "caltech101.backbone: unfreeze_last_blocks "
+            f"{backbone['unfreeze_last_blocks']} needs the tflite backbone; the "
+            "torchvision backbone only supports a frozen backbone. Set "
+            "unfreeze_last_blocks: 0 or kind: tflite."
+        )
+
     overlap = set(config["meta_trained"]) & set(config["baselines"])
     if overlap:
         raise ConfigError(

@@ -44,7 +44,7 @@ PROBLEM_FILE_VERSION = 1
 
 @dataclass(frozen=True)
 class Protocol:
-    """How the concept sets of one column of the results table are made.
+    """Recipe for the concept sets of one column of the results table.
 
     Attributes
     ----------
@@ -150,11 +150,14 @@ class ProblemSet:
         -------
         relevant : ndarray of shape (n_problems, n_gallery), dtype bool
         """
-        gallery_concepts = np.asarray(image_concepts)[self.gallery]
+        # Integer codes make the per-problem comparison fast on large galleries.
+        codes, names = pd.factorize(np.asarray(image_concepts)[self.gallery])
+        code_of = {name: code for code, name in enumerate(names)}
         relevant = np.zeros((len(self.problems), len(self.gallery)), dtype=bool)
 
         for row, problem in enumerate(self.problems):
-            relevant[row] = np.isin(gallery_concepts, problem.positive_concepts)
+            positive_codes = [code_of[c] for c in problem.positive_concepts if c in code_of]
+            relevant[row] = np.isin(codes, positive_codes)
 
         return relevant
 
@@ -306,6 +309,8 @@ def make_problem_set(
         sets = _polysemous_sets(reserved, protocol.set_size, rng)
 
     noise_ids, noise_owners = _noise_pool(image_table, reserved)
+    owner_codes, owner_names = pd.factorize(noise_owners)
+    code_of = {name: code for code, name in enumerate(owner_names)}
     problems = []
 
     for concept, positives, members in sets:
@@ -313,7 +318,8 @@ def make_problem_set(
         members = members.copy()
 
         if protocol.n_noise:
-            allowed = np.flatnonzero(~np.isin(noise_owners, positives))
+            positive_codes = [code_of[c] for c in positives if c in code_of]
+            allowed = np.flatnonzero(~np.isin(owner_codes, positive_codes))
             if len(allowed) < protocol.n_noise:
                 raise ValueError(
                     f"Only {len(allowed)} noise images are available for concept "

@@ -313,3 +313,17 @@ def test_gmm_single_point_is_isotropic_gaussian(blobs):
 
     np.testing.assert_allclose(scores, expected, rtol=1e-6)
     assert average_precision_score(blobs["relevant"], scores) > 0.9
+
+
+@pytest.mark.parametrize("name", ["mean_embedding", "nearest_neighbour"])
+def test_batch_scores_match_one_by_one(name):
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(40, 6))
+    sets = [rng.normal(size=(size, 6)) for size in (3, 5, 1)]
+    method = get_baseline(name)
+
+    batched = method.fit_score_batch(sets, gallery)
+    one_by_one = np.stack([method.fit(s).score(gallery) for s in sets])
+
+    assert batched.shape == (3, 40)
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-10, atol=1e-10)

@@ -52,3 +52,9 @@ def test_method_name_clash_rejected():
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_torchvision_backbone_cannot_unfreeze():
+    override = {"caltech101": {"backbone": {"kind": "torchvision", "unfreeze_last_blocks": 2}}}
+    with pytest.raises(ConfigError, match="unfreeze_last_blocks 2"):
+        load_config(overrides=override)

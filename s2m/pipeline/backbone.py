@@ -36,9 +36,9 @@ def cache_backbone_features_step(
 ) -> None:
     """Run the frozen layers of the backbone on every image and save the result.
 
-    With ``unfreeze_last_blocks = u``, the cache holds the feature maps that
-    enter block ``n_blocks - u``, shape (n_images, C, H, W); with ``u = 0`` it
-    holds the pooled 1280-d descriptors, shape (n_images, 1280).
+    With ``unfreeze_last_blocks = u > 0``, the cache contains the feature maps
+    that enter block ``n_blocks - u``, shape (n_images, C, H, W). With
+    ``u = 0`` it contains the pooled 1280-d descriptors, shape (n_images, 1280).
     """
     from s2m.datasets.table import load_rgb_image, read_image_table
     from s2m.models.mobilenet_v2 import preprocess

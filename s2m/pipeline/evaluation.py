@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from s2m.device import configure_threads
 from s2m.pipeline.common import seed_everything
 from s2m.pipeline.training import set_model_spec
 from s2m.problems import read_problem_set
@@ -52,21 +53,26 @@ def evaluate_step(
     method: str,
     dataset_dir: str | Path,
     descriptors_path: str | Path,
-    problems_path: str | Path,
+    problems_paths: list[str | Path],
     out_path: str | Path,
 ) -> None:
-    """Compute the average precision of one method on every problem of one protocol."""
+    """Compute the average precision of one method on every problem of the given protocols.
+
+    Writes one CSV with a row per (protocol, concept): columns ``method``,
+    ``protocol``, ``concept``, ``average_precision``, ``n_relevant``,
+    ``set_size`` and ``n_noise``.
+    """
     from s2m.datasets.table import read_image_table
     from s2m.evaluation import evaluate_problems
 
     seed_everything(config["seed"])
+    configure_threads(1)
     table = read_image_table(dataset_dir)
     descriptors = np.load(descriptors_path)
-    problem_set = read_problem_set(problems_path)
 
     if len(descriptors) != len(table):
         raise ValueError(
-            f"{descriptors_path} holds {len(descriptors)} descriptors but the dataset "
+            f"{descriptors_path} contains {len(descriptors)} descriptors but the dataset "
             f"has {len(table)} images. Delete it and rerun the descriptors step."
         )
 
@@ -76,26 +82,32 @@ def evaluate_step(
         instance.set_background(descriptors[train], table.loc[train, "concept"].to_numpy())
 
     concepts = table["concept"].to_numpy()
-    aps = evaluate_problems(
-        instance,
-        descriptors,
-        [p.concept_set for p in problem_set.problems],
-        problem_set.gallery,
-        problem_set.relevance(concepts),
-        [p.concept for p in problem_set.problems],
-        progress_desc=f"{method} {problem_set.protocol.name}",
-    )
-    aps.insert(0, "protocol", problem_set.protocol.name)
-    aps.insert(0, "method", method)
-    aps["n_noise"] = [int(p.is_noise.sum()) for p in problem_set.problems]
+    results = []
+
+    for problems_path in problems_paths:
+        problem_set = read_problem_set(problems_path)
+        aps = evaluate_problems(
+            instance,
+            descriptors,
+            [p.concept_set for p in problem_set.problems],
+            problem_set.gallery,
+            problem_set.relevance(concepts),
+            [p.concept for p in problem_set.problems],
+            progress_desc=f"{method} {problem_set.protocol.name}",
+        )
+        aps.insert(0, "protocol", problem_set.protocol.name)
+        aps.insert(0, "method", method)
+        aps["n_noise"] = [int(p.is_noise.sum()) for p in problem_set.problems]
+        results.append(aps)
+
+        logger.info(
+            "%s on %s/%s: mAP %.4f over %d concepts",
+            method,
+            dataset,
+            problem_set.protocol.name,
+            aps["average_precision"].mean(),
+            len(aps),
+        )
 
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    aps.to_csv(out_path, index=False)
-    logger.info(
-        "%s on %s/%s: mAP %.4f over %d concepts",
-        method,
-        dataset,
-        problem_set.protocol.name,
-        aps["average_precision"].mean(),
-        len(aps),
-    )
+    pd.concat(results, ignore_index=True).to_csv(out_path, index=False)

@@ -14,12 +14,12 @@ logger = logging.getLogger(__name__)
 
 
 def read_ap_tables(paths: list[str | Path]) -> dict[tuple[str, str], pd.DataFrame]:
-    """Read per-concept AP files, keyed by (method, protocol) from their columns."""
+    """Read per-concept AP files and split them by (method, protocol)."""
     tables = {}
     for path in paths:
-        table = pd.read_csv(path)
-        key = (table["method"].iloc[0], table["protocol"].iloc[0])
-        tables[key] = table
+        frame = pd.read_csv(path)
+        for key, group in frame.groupby(["method", "protocol"], sort=False):
+            tables[key] = group.reset_index(drop=True)
     return tables
 
 

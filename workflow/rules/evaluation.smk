@@ -1,19 +1,22 @@
-# Step 4: each method to per-concept average precisions.
+# Step 4: each method to per-concept average precisions, for every protocol of a dataset.
 
 
 rule evaluate:
     input:
         manifest=manifest,
         descriptors=lambda wildcards: f"{RESULTS}/{wildcards.dataset}/descriptors/{method_embedding(wildcards.method)}.npy",
-        problems=f"{RESULTS}/{{dataset}}/problems/{{protocol}}.json",
+        problems=lambda wildcards: expand(
+            f"{RESULTS}/{wildcards.dataset}/problems/{{protocol}}.json",
+            protocol=protocols(wildcards.dataset),
+        ),
     output:
-        f"{RESULTS}/{{dataset}}/aps/{{method}}/{{protocol}}.csv",
+        f"{RESULTS}/{{dataset}}/aps/{{method}}.csv",
     params:
         dataset_dir=lambda wildcards: dataset_dir(wildcards.dataset),
     threads: 1
     log:
-        f"{RESULTS}/logs/evaluate/{{dataset}}/{{method}}/{{protocol}}.log",
+        f"{RESULTS}/logs/evaluate/{{dataset}}/{{method}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate/{{dataset}}/{{method}}/{{protocol}}.tsv"
+        f"{RESULTS}/benchmarks/evaluate/{{dataset}}/{{method}}.tsv"
     script:
         "../scripts/evaluate.py"

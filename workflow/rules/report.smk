@@ -4,9 +4,8 @@
 rule table:
     input:
         lambda wildcards: expand(
-            f"{RESULTS}/{wildcards.dataset}/aps/{{method}}/{{protocol}}.csv",
+            f"{RESULTS}/{wildcards.dataset}/aps/{{method}}.csv",
             method=METHODS,
-            protocol=protocols(wildcards.dataset),
         ),
     output:
         csv=f"{RESULTS}/tables/{{dataset}}.csv",

@@ -11,6 +11,6 @@ run_step(
     snakemake.wildcards.method,
     snakemake.params.dataset_dir,
     snakemake.input.descriptors,
-    snakemake.input.problems,
+    list(snakemake.input.problems),
     snakemake.output[0],
 )

@@ -1,0 +1,78 @@
+"""Validation of batched point sets and their member masks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+MAX_LISTED_SETS = 10
+
+
+def list_sets(indices: Tensor) -> str:
+    """Format set indices for an error message, listing at most ``MAX_LISTED_SETS``."""
+    values = indices.tolist()
+    listed = ", ".join(str(value) for value in values[:MAX_LISTED_SETS])
+    if len(values) > MAX_LISTED_SETS:
+        listed += f", ... ({len(values)} in all)"
+    return f"[{listed}]"
+
+
+def validate_points(x: Tensor, mask: Tensor | None, name: str = "x", mask_name: str = "mask") -> tuple[Tensor, Tensor]:
+    """Check a padded batch of point sets and return it with padding zeroed, plus a float member mask.
+
+    Padded rows are replaced by zeros so that NaN or infinite padding cannot reach the
+    arithmetic, and so their gradient is exactly zero.
+
+    Parameters
+    ----------
+    x : Tensor of shape (B, N, D), float32 or float64
+    mask : Tensor of shape (B, N), bool, or None
+        True for members. None means that every row is a member.
+
+    Returns
+    -------
+    x : Tensor of shape (B, N, D)
+    member : Tensor of shape (B, N), 1.0 for members and 0.0 for padding, in the dtype of ``x``
+
+    Raises
+    ------
+    ValueError
+        If a shape, dtype or device does not match, or a member row is not finite.
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (B, N, D), got {type(x).__name__}.")
+    if x.dim() != 3:
+        raise ValueError(
+            f"{name} must have shape (B, N, D), got shape {tuple(x.shape)}; "
+            "add a batch dimension with x.unsqueeze(0) for a single set."
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} must be float32 or float64, got {x.dtype}; cast it with x.float() or x.double().")
+    if min(x.shape) == 0:
+        raise ValueError(f"{name} must have B, N and D of at least 1, got shape {tuple(x.shape)}.")
+
+    if mask is None:
+        member_bool = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    else:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise ValueError(f"{mask_name} must be a bool tensor (True for members), got {getattr(mask, 'dtype', type(mask))}.")
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"{mask_name} must have shape {tuple(x.shape[:2])} to match {name}, got {tuple(mask.shape)}.")
+        if mask.device != x.device:
+            raise ValueError(f"{mask_name} is on {mask.device} but {name} is on {x.device}; move both to one device.")
+        member_bool = mask
+
+    # A NaN or infinity makes its row sum non-finite. Summing first reads x once, where
+    # isfinite would write a full boolean copy.
+    finite_rows = torch.isfinite(x.sum(dim=-1)) | ~member_bool
+    if not bool(finite_rows.all()):
+        bad_sets = torch.nonzero(~finite_rows.all(dim=-1)).flatten()
+        raise ValueError(
+            f"{name} contains NaN or infinite values in member rows of sets {list_sets(bad_sets)}; "
+            f"clean the descriptors or mark those rows as padding in {mask_name}."
+        )
+
+    if mask is not None and not bool(mask.all()):
+        x = torch.where(member_bool.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x, member_bool.to(x.dtype)

@@ -1,0 +1,460 @@
+"""Batched EM for mixtures of diagonal Gaussians, with k-means++ seeding.
+
+Every function works on a batch of B sets padded to N points, with a float member mask of
+shape (B, N) that is 1 for members and 0 for padding. Padded rows of ``x`` must be finite
+(the public functions zero them), because they are multiplied by 0 rather than indexed
+out. Nothing here does in-place updates of tensors that may require grad, so the same
+code runs under ``torch.no_grad()`` for the implicit backward and with autograd for the
+unrolled backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from s2m.mixture.prior import Penalty, log_prior
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+#: Target size in bytes of the point features of one chunk of sets in
+#: :func:`fit_in_chunks`. Temporaries this small stay below glibc's largest mmap
+#: threshold (32 MiB), so their memory is reused instead of being mapped and page-faulted
+#: anew on every fit, and they fit in a typical L3 cache.
+CHUNK_BYTES = 8 * 2**20
+
+
+@dataclass
+class ChunkedFit:
+    """Fitted parameters with the responsibilities and objective at them, from :func:`fit_in_chunks`.
+
+    Attributes
+    ----------
+    weights : Tensor of shape (B, K)
+    means, variances : Tensor of shape (B, K, D)
+    responsibilities : Tensor of shape (B, N, K)
+        At the returned parameters, zero on padding.
+    lower_bound : Tensor of shape (B,)
+        Objective per member at the returned parameters.
+    converged : Tensor of shape (B,), bool
+    n_iter : Tensor of shape (B,), int64
+    """
+
+    weights: Tensor
+    means: Tensor
+    variances: Tensor
+    responsibilities: Tensor
+    lower_bound: Tensor
+    converged: Tensor
+    n_iter: Tensor
+
+
+@dataclass
+class EMResult:
+    """Parameters after EM and the per-set bookkeeping of the run.
+
+    Attributes
+    ----------
+    weights : Tensor of shape (B, K)
+    means, variances : Tensor of shape (B, K, D)
+    converged : Tensor of shape (B,), bool
+    n_iter : Tensor of shape (B,), int64
+    """
+
+    weights: Tensor
+    means: Tensor
+    variances: Tensor
+    converged: Tensor
+    n_iter: Tensor
+
+
+def point_features(x: Tensor) -> Tensor:
+    """Concatenate :math:`x^2` and :math:`x` along the last axis, shape (B, N, 2D).
+
+    EM needs both in every E-step and M-step, and one matrix product over the
+    concatenation is faster than two over the halves. Without autograd the halves are
+    written in place, which saves a temporary of the size of ``x``.
+    """
+    features = x.new_empty(*x.shape[:-1], 2 * x.shape[-1])
+    dim = x.shape[-1]
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.cat([x.square(), x], dim=-1)
+    torch.square(x, out=features[..., :dim])
+    features[..., dim:] = x
+    return features
+
+
+def log_component_densities(
+    features: Tensor, means: Tensor, variances: Tensor, log_variances: Tensor | None = None
+) -> Tensor:
+    """Compute :math:`\\log \\mathcal{N}(x_i \\mid \\mu_k, \\operatorname{diag} \\sigma^2_k)` for all points and components.
+
+    The quadratic form is expanded, :math:`\\sum_d x^2 / \\sigma^2 - 2 x \\mu / \\sigma^2 + \\mu^2 / \\sigma^2`,
+    so that it costs one batched matrix product instead of an (N, K, D) temporary. The
+    expansion loses precision when :math:`|x|` greatly exceeds :math:`|x - \\mu|` in units of
+    :math:`\\sigma`, which the variance prior bounds.
+
+    Parameters
+    ----------
+    features : Tensor of shape (B, N, 2D)
+        :func:`point_features` of the points.
+    means, variances : Tensor of shape (B, K, D)
+    log_variances : Tensor of shape (B, K, D), optional
+        ``log(variances)``, passed by callers that need it elsewhere too.
+
+    Returns
+    -------
+    Tensor of shape (B, N, K)
+    """
+    if log_variances is None:
+        log_variances = torch.log(variances)
+    precisions = variances.reciprocal()
+    scaled_means = means * precisions
+
+    # Coefficients laid out as (B, K, 2D) and passed transposed, the fast layout for bmm.
+    coefficients = torch.cat([precisions, -2.0 * scaled_means], dim=-1)
+    quadratic = torch.bmm(features, coefficients.transpose(1, 2))
+    quadratic = quadratic + (means * scaled_means).sum(dim=-1).unsqueeze(1)
+
+    constant = means.shape[-1] * LOG_2PI + log_variances.sum(dim=-1)
+    return -0.5 * (quadratic + constant.unsqueeze(1))
+
+
+def e_step(
+    features: Tensor,
+    member: Tensor,
+    weights: Tensor,
+    means: Tensor,
+    variances: Tensor,
+    penalty: Penalty,
+) -> tuple[Tensor, Tensor]:
+    """Compute responsibilities and the objective of each set at the given parameters.
+
+    Parameters
+    ----------
+    features : Tensor of shape (B, N, 2D)
+        :func:`point_features` of the points.
+    member : Tensor of shape (B, N), 1.0 for members and 0.0 for padding
+    weights : Tensor of shape (B, K)
+    means, variances : Tensor of shape (B, K, D)
+    penalty : Penalty
+
+    Returns
+    -------
+    responsibilities : Tensor of shape (B, N, K)
+        Zero on padded rows.
+    objective : Tensor of shape (B,)
+        The penalised log-likelihood :math:`\\mathcal{L}` summed over members (see
+        :mod:`s2m.mixture.prior`).
+    """
+    log_weights = torch.log(weights)
+    log_variances = torch.log(variances)
+    joint = log_component_densities(features, means, variances, log_variances) + log_weights.unsqueeze(1)
+    log_norm = torch.logsumexp(joint, dim=-1)
+
+    responsibilities = torch.exp(joint - log_norm.unsqueeze(-1)) * member.unsqueeze(-1)
+    objective = (log_norm * member).sum(dim=-1) + log_prior(log_weights, means, variances, penalty, log_variances)
+    return responsibilities, objective
+
+
+def m_step(
+    features: Tensor,
+    member: Tensor,
+    responsibilities: Tensor,
+    penalty: Penalty,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Maximise the EM surrogate of the penalised objective exactly.
+
+    Parameters
+    ----------
+    features : Tensor of shape (B, N, 2D)
+        :func:`point_features` of the points.
+    member : Tensor of shape (B, N)
+    responsibilities : Tensor of shape (B, N, K), zero on padded rows
+    penalty : Penalty
+
+    Returns
+    -------
+    weights : Tensor of shape (B, K)
+    means, variances : Tensor of shape (B, K, D)
+    """
+    n_points = member.sum(dim=-1, keepdim=True)
+    n_components = responsibilities.shape[-1]
+    counts = responsibilities.sum(dim=1)
+    weights = (counts + penalty.weight_count) / (n_points + n_components * penalty.weight_count)
+
+    moments = torch.bmm(responsibilities.transpose(1, 2), features)
+    second_moment, first_moment = moments.split(features.shape[-1] // 2, dim=-1)
+
+    # With mean_count = 0 a component without points has first_moment = 0 and gets the mean
+    # 0 / tiny = 0, where plain division would give 0 / 0 = NaN.
+    mean_denominator = (counts + penalty.mean_count).clamp_min(torch.finfo(features.dtype).tiny).unsqueeze(-1)
+    means = first_moment / mean_denominator
+
+    # second_moment - (N_k + kappa_0) mu^2 = sum_i r_ik (x_i - mu)^2 + kappa_0 mu^2, which
+    # rounding can push slightly below zero.
+    scatter = (second_moment - mean_denominator * means.square()).clamp_min(0.0)
+    variances = (scatter + penalty.variance_count * penalty.variance) / (counts + penalty.variance_count).unsqueeze(-1)
+    return weights, means, variances
+
+
+def sample_by_weight(weights: Tensor, uniform: Tensor) -> Tensor:
+    """Draw one index per row with probability proportional to ``weights``, by inverting the CDF.
+
+    Zero-weight entries are never drawn, and padding appended at the end of a row leaves
+    the draw unchanged, so a padded set draws the same index as the same set unpadded.
+
+    Parameters
+    ----------
+    weights : Tensor of shape (B, N), non-negative, each row with a positive sum
+    uniform : Tensor of shape (), a number in [0, 1) shared by all rows
+
+    Returns
+    -------
+    Tensor of shape (B,), int64
+    """
+    cdf = torch.cumsum(weights, dim=-1)
+    target = uniform * cdf[:, -1:]
+    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return index.clamp_max(weights.shape[-1] - 1)
+
+
+def squared_distances(x: Tensor, centers: Tensor) -> Tensor:
+    """Compute squared Euclidean distances between points (B, N, D) and centers (B, C, D), as (B, N, C).
+
+    Differences are formed directly, without the expansion
+    :math:`|x|^2 - 2 x \\cdot c + |c|^2`, so duplicates are at distance exactly 0 and float32
+    and float64 inputs agree to rounding.
+    """
+    return torch.cdist(x, centers, compute_mode="donot_use_mm_for_euclid_dist").square()
+
+
+def kmeans_plusplus_centers(x: Tensor, member: Tensor, n_components: int, seed: int) -> Tensor:
+    """Choose k-means++ seeds (Arthur and Vassilvitskii, 2007) for every set.
+
+    The first seed is a uniformly drawn member. Each next seed is a member drawn with
+    probability proportional to its squared distance to the nearest seed so far. When all
+    remaining distances are zero (fewer distinct points than components), the draw falls
+    back to a uniform draw over members, so the seed repeats a point.
+
+    The uniform numbers come from a CPU ``torch.Generator`` seeded with ``seed``, and all
+    sets share them. A set's seeds thus depend only on its own members and ``seed``, not on
+    the rest of the batch, its padding or the device. float32 and float64 inputs draw the
+    same seeds except where a draw falls within rounding error of a boundary.
+
+    Parameters
+    ----------
+    x : Tensor of shape (B, N, D)
+    member : Tensor of shape (B, N)
+    n_components : int
+    seed : int
+
+    Returns
+    -------
+    Tensor of shape (B, K, D), the seed points
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    uniforms = torch.rand(n_components, generator=generator, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+
+    batch_index = torch.arange(x.shape[0], device=x.device)
+    nearest_sq_distance = torch.full_like(member, math.inf)
+    centers = []
+
+    for component in range(n_components):
+        if component == 0:
+            draw_weights = member
+        else:
+            draw_weights = nearest_sq_distance * member
+            degenerate = draw_weights.sum(dim=-1, keepdim=True) <= 0
+            draw_weights = torch.where(degenerate, member, draw_weights)
+
+        index = sample_by_weight(draw_weights, uniforms[component])
+        center = x[batch_index, index]
+        centers.append(center)
+
+        sq_distance = squared_distances(x, center.unsqueeze(1)).squeeze(-1)
+        nearest_sq_distance = torch.minimum(nearest_sq_distance, sq_distance)
+
+    return torch.stack(centers, dim=1)
+
+
+def initial_parameters(
+    x: Tensor,
+    member: Tensor,
+    n_components: int,
+    seed: int,
+    penalty: Penalty,
+    features: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Compute initial parameters by one M-step from the hard assignment to k-means++ seeds.
+
+    Each member is assigned to its nearest seed (ties go to the lower component index), and
+    the M-step turns these one-hot responsibilities into weights, means and variances. A
+    seed that owns no member (possible with duplicate points) starts as a component held
+    by the prior alone. ``features`` are :func:`point_features` of ``x``, computed here
+    when not given.
+
+    Returns
+    -------
+    weights : Tensor of shape (B, K)
+    means, variances : Tensor of shape (B, K, D)
+    """
+    with torch.no_grad():
+        centers = kmeans_plusplus_centers(x.detach(), member, n_components, seed)
+        nearest = squared_distances(x.detach(), centers).argmin(dim=-1)
+        responsibilities = torch.nn.functional.one_hot(nearest, n_components).to(x.dtype)
+        responsibilities = responsibilities * member.unsqueeze(-1)
+
+    if features is None:
+        features = point_features(x)
+    return m_step(features, member, responsibilities, penalty)
+
+
+def write_back(full: tuple[Tensor, ...], gathered: Tensor, parts: list[Tensor]) -> tuple[Tensor, ...]:
+    """Copy the rows ``parts`` of the sets ``gathered`` into the tensors ``full``, out of place."""
+    if gathered.numel() == full[0].shape[0]:
+        return tuple(parts)
+    return tuple(tensor.index_copy(0, gathered, part) for tensor, part in zip(full, parts))
+
+
+def run_em(
+    features: Tensor,
+    member: Tensor,
+    weights: Tensor,
+    means: Tensor,
+    variances: Tensor,
+    penalty: Penalty,
+    max_iter: int,
+    tol: float,
+) -> EMResult:
+    """Iterate EM from the given parameters until each set converges or ``max_iter`` is reached.
+
+    One iteration is an E-step at the current parameters, the convergence test, then an
+    M-step, so the returned parameters always come from an M-step and are an exact
+    stationary point of the objective given the last responsibilities. A set has converged
+    when its objective per member grew by at most ``tol`` over the previous iteration.
+    The test is one-sided: EM never decreases the objective in exact arithmetic, so a
+    decrease only comes from rounding at convergence and also ends the iteration. Each
+    iteration computes only the sets still running, so a set's fit does not depend on the
+    rest of the batch and converged sets cost nothing.
+
+    Parameters
+    ----------
+    features : Tensor of shape (B, N, 2D)
+        :func:`point_features` of the points.
+    member : Tensor of shape (B, N)
+    weights : Tensor of shape (B, K)
+    means, variances : Tensor of shape (B, K, D)
+        Initial parameters.
+    penalty : Penalty
+    max_iter : int
+    tol : float
+
+    Returns
+    -------
+    EMResult
+    """
+    batch_size = features.shape[0]
+    device = features.device
+    converged = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    n_iter = torch.zeros(batch_size, dtype=torch.int64, device=device)
+
+    # Each iteration computes the gathered sets, a superset of those still running, and
+    # keeps their working parameters apart from the full ones. The sets are gathered again
+    # once the running ones fill at most half of them, so copying costs at most twice the
+    # first gather and the wasted rows at most as much as the useful ones.
+    gathered = torch.arange(batch_size, device=device)
+    running = torch.ones(batch_size, dtype=torch.bool, device=device)
+    rows = [features, member, member.sum(dim=-1), torch.full_like(member[:, 0], -math.inf)]
+    parameters = [weights, means, variances]
+
+    for _ in range(max_iter):
+        gathered_features, gathered_member, n_members, previous = rows
+        responsibilities, objective = e_step(gathered_features, gathered_member, *parameters, penalty)
+
+        per_member = (objective / n_members).detach()
+        done = running & (per_member - previous <= tol)
+        rows[3] = torch.where(running, per_member, previous)
+
+        updated = m_step(gathered_features, gathered_member, responsibilities, penalty)
+        if bool(running.all()):
+            parameters = list(updated)
+        else:
+            parameters = [
+                torch.where(running.view(-1, *[1] * (old.dim() - 1)), new, old) for new, old in zip(updated, parameters)
+            ]
+        n_iter.index_add_(0, gathered, running.long())
+        converged[gathered[done]] = True
+
+        running = running & ~done
+        n_running = int(running.sum())
+        if n_running == 0:
+            break
+        if n_running <= gathered.numel() // 2:
+            weights, means, variances = write_back((weights, means, variances), gathered, parameters)
+            gathered = gathered[running]
+            rows = [tensor[running] for tensor in rows]
+            parameters = [tensor[running] for tensor in parameters]
+            running = torch.ones(n_running, dtype=torch.bool, device=device)
+
+    weights, means, variances = write_back((weights, means, variances), gathered, parameters)
+    return EMResult(weights, means, variances, converged, n_iter)
+
+
+def fit_in_chunks(
+    x: Tensor,
+    member: Tensor,
+    n_components: int,
+    start: tuple[Tensor, Tensor, Tensor] | None,
+    seed: int,
+    penalty: Penalty,
+    max_iter: int,
+    tol: float,
+) -> ChunkedFit:
+    """Initialise and run EM without autograd, a chunk of sets at a time (see :data:`CHUNK_BYTES`).
+
+    Every set is fitted independently, so chunking does not change the result.
+
+    Parameters
+    ----------
+    x : Tensor of shape (B, N, D)
+    member : Tensor of shape (B, N)
+    n_components : int
+    start : (weights, means, variances) or None
+        Initial parameters, or None for the k-means++ initialisation with ``seed``.
+    seed : int
+    penalty : Penalty
+    max_iter : int
+    tol : float
+
+    Returns
+    -------
+    ChunkedFit
+    """
+    bytes_per_set = x.shape[1] * 2 * x.shape[2] * x.element_size()
+    chunk_size = max(1, CHUNK_BYTES // bytes_per_set)
+    parts = []
+
+    with torch.no_grad():
+        for begin in range(0, x.shape[0], chunk_size):
+            rows = slice(begin, begin + chunk_size)
+            points, chunk_member = x[rows], member[rows]
+            features = point_features(points)
+            if start is None:
+                chunk_start = initial_parameters(points, chunk_member, n_components, seed, penalty, features)
+            else:
+                chunk_start = tuple(tensor[rows] for tensor in start)
+
+            result = run_em(features, chunk_member, *chunk_start, penalty, max_iter, tol)
+            responsibilities, objective = e_step(
+                features, chunk_member, result.weights, result.means, result.variances, penalty
+            )
+            lower_bound = objective / chunk_member.sum(dim=-1)
+            parts.append(
+                (result.weights, result.means, result.variances, responsibilities, lower_bound, result.converged, result.n_iter)
+            )
+
+    return ChunkedFit(*(torch.cat(tensors) for tensors in zip(*parts)))

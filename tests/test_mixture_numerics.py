@@ -1,0 +1,240 @@
+"""Degenerate sets and invalid arguments of the set-to-model layer."""
+
+import warnings
+
+import pytest
+import torch
+
+from s2m.mixture import (
+    GaussianMixtureFit,
+    VariancePrior,
+    fit_diagonal_gaussian,
+    fit_diagonal_gmm,
+    implicit_gradient_dense,
+    mixture_log_prob,
+)
+from s2m.mixture.synthetic import clustered_sets
+
+PRIOR = VariancePrior(variance=0.01, pseudo_count=1.0)
+
+
+def layer_loss(fit, queries):
+    """Return a scalar loss that uses every parameter of the fit."""
+    return mixture_log_prob(fit, queries).sum() + fit.variances.sum() + fit.weights[:, 0].sum()
+
+
+def loss_and_gradient(points, fit, queries):
+    """Return the loss and its gradient with respect to the points, through the layer."""
+    loss = layer_loss(fit, queries)
+    (gradient,) = torch.autograd.grad(loss, points)
+    return loss, gradient
+
+
+def dense_gradient(points, fit, queries, mask=None, **prior):
+    """Return the gradient of the same loss through the dense-reference implicit backward."""
+    leaves = [tensor.detach().requires_grad_(True) for tensor in (fit.weights, fit.means, fit.variances)]
+    detached = GaussianMixtureFit(*leaves, fit.converged, fit.n_iter, fit.lower_bound.detach())
+    cotangents = torch.autograd.grad(layer_loss(detached, queries), leaves)
+    return implicit_gradient_dense(points, fit, *cotangents, mask, **prior)
+
+
+def test_set_smaller_than_components_raises():
+    x = clustered_sets(3, 5, 4, 2, seed=30)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 1:] = False
+    mask[2, 2:] = False
+
+    with pytest.raises(ValueError, match=r"n_components=3 members, but sets \[1, 2\] have \[1, 2\] members"):
+        fit_diagonal_gmm(x, 3, mask)
+
+
+def test_empty_set_raises_for_gaussian():
+    x = clustered_sets(2, 4, 3, 1, seed=31)
+    mask = torch.tensor([[True] * 4, [False] * 4])
+
+    with pytest.raises(ValueError, match=r"sets \[1\] have \[0\] members"):
+        fit_diagonal_gaussian(x, mask)
+
+
+def test_duplicated_points_fit_and_gradient():
+    x = clustered_sets(2, 6, 3, 2, noise=0.6, normalize=False, seed=32)
+    doubled = torch.cat([x, x], dim=1).requires_grad_(True)
+    queries = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(161), dtype=torch.float64)
+
+    fit = fit_diagonal_gmm(doubled, 2, tol=0.0, max_iter=5000, variance_prior=PRIOR)
+    _, gradient = loss_and_gradient(doubled, fit, queries)
+
+    assert bool(fit.converged.all())
+    assert bool((fit.variances > 0).all())
+    assert bool(torch.isfinite(gradient).all())
+    # Both copies of a point get the same gradient, since the objective is symmetric in them.
+    torch.testing.assert_close(gradient[:, :6], gradient[:, 6:], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(gradient, dense_gradient(doubled.detach(), fit, queries, variance_prior=PRIOR), rtol=1e-6, atol=1e-8)
+
+
+def test_identical_points_keep_second_component_on_prior():
+    point = torch.tensor([0.6, 0.0, 0.8], dtype=torch.float64)
+    x = point.expand(1, 7, 3).clone().requires_grad_(True)
+    queries = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(177), dtype=torch.float64)
+
+    fit = fit_diagonal_gmm(x, 2, variance_prior=PRIOR, mean_prior_count=0.01, weight_prior_count=0.1)
+    _, gradient = loss_and_gradient(x, fit, queries)
+
+    # k-means++ repeats the point as the second seed, and the tie goes to component 0, which
+    # takes every member. Component 1 is then held by the priors alone.
+    torch.testing.assert_close(fit.means[0, 0], 7 * point / 7.01, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(fit.weights[0, 1], torch.tensor(0.1 / 7.2, dtype=torch.float64), rtol=1e-9, atol=0)
+    torch.testing.assert_close(fit.variances[0, 1], torch.full((3,), 0.01, dtype=torch.float64), rtol=1e-9, atol=0)
+    assert bool((fit.variances[0, 0] > 0).all())
+    assert bool(torch.isfinite(gradient).all())
+    torch.testing.assert_close(gradient, dense_gradient(x.detach(), fit, queries, variance_prior=PRIOR), rtol=1e-6, atol=1e-8)
+
+
+def test_constant_dimension_gets_prior_variance():
+    x = clustered_sets(2, 8, 4, 1, normalize=False, seed=33)
+    x[:, :, 2] = 0.3
+    prior = VariancePrior(variance=0.02, pseudo_count=2.0)
+
+    fit = fit_diagonal_gaussian(x, variance_prior=prior, mean_prior_count=0.5)
+
+    mean = 8 * 0.3 / 8.5
+    expected = (8 * (0.3 - mean) ** 2 + 0.5 * mean**2 + 2.0 * 0.02) / 10.0
+    torch.testing.assert_close(fit.variances[:, 0, 2], torch.full((2,), expected, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_constant_dimension_mixture_gradient_is_finite():
+    x = clustered_sets(2, 10, 3, 2, noise=0.6, normalize=False, seed=34)
+    x[:, :, 1] = -0.4
+    x.requires_grad_(True)
+    queries = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(208), dtype=torch.float64)
+
+    fit = fit_diagonal_gmm(x, 2, tol=0.0, max_iter=5000, variance_prior=PRIOR)
+    _, gradient = loss_and_gradient(x, fit, queries)
+
+    assert bool((fit.variances[:, :, 1] >= PRIOR.variance / 11).all())
+    assert bool(torch.isfinite(gradient).all())
+    torch.testing.assert_close(gradient, dense_gradient(x.detach(), fit, queries, variance_prior=PRIOR), rtol=1e-6, atol=1e-8)
+
+
+def collapsing_start(x, far=50.0):
+    """Return initial parameters whose component 1 sits far from every point, so it gets no responsibility."""
+    batch_size, _, dim = x.shape
+    weights = torch.full((batch_size, 2), 0.5, dtype=x.dtype)
+    means = torch.stack([x.mean(dim=1), torch.full((batch_size, dim), far, dtype=x.dtype)], dim=1)
+    variances = torch.full((batch_size, 2, dim), 0.05, dtype=x.dtype)
+    return weights, means, variances
+
+
+@pytest.mark.parametrize("backward", ["implicit", "unrolled"])
+def test_collapsed_component_is_kept_by_prior(backward):
+    # The points sit far from the origin, where the collapsed component settles.
+    x = (clustered_sets(2, 9, 3, 1, normalize=False, seed=35) + 3.0).requires_grad_(True)
+    queries = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(231), dtype=torch.float64) + 3.0
+
+    fit = fit_diagonal_gmm(x, 2, init=collapsing_start(x.detach()), backward=backward, variance_prior=PRIOR)
+    _, gradient = loss_and_gradient(x, fit, queries)
+
+    torch.testing.assert_close(fit.weights[:, 1], torch.full((2,), 0.1 / 9.2, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(fit.means[:, 1], torch.zeros(2, 3, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(fit.variances[:, 1], torch.full((2, 3), 0.01, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert bool(torch.isfinite(gradient).all())
+    torch.testing.assert_close(gradient, dense_gradient(x.detach(), fit, queries, variance_prior=PRIOR), rtol=1e-7, atol=1e-9)
+
+
+def test_collapse_without_priors_zeroes_gradient():
+    x = clustered_sets(2, 9, 3, 1, normalize=False, seed=36).requires_grad_(True)
+    start = collapsing_start(x.detach())
+    start[1][0, 1] = x[0].detach().mean(dim=0) + 0.1
+    queries = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(247), dtype=torch.float64)
+
+    fit = fit_diagonal_gmm(x, 2, init=start, variance_prior=PRIOR, mean_prior_count=0.0, weight_prior_count=0.0)
+    with pytest.warns(RuntimeWarning, match=r"implicit gradient of 1 of 2 sets \[1\] is not finite"):
+        _, gradient = loss_and_gradient(x, fit, queries)
+
+    assert fit.weights[1, 1].item() == 0.0
+    assert torch.equal(gradient[1], torch.zeros(9, 3, dtype=torch.float64))
+    assert bool(torch.isfinite(gradient[0]).all())
+    assert bool((gradient[0] != 0).any())
+
+
+def test_float32_descriptors_stay_finite():
+    for dim, n_components in ((64, 4), (256, 2), (1280, 4)):
+        x = clustered_sets(4, 12, dim, 3, noise=0.7, seed=37, dtype=torch.float32).requires_grad_(True)
+        queries = clustered_sets(4, 6, dim, 3, noise=0.7, seed=38, dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fit = fit_diagonal_gmm(x, n_components)
+            _, gradient = loss_and_gradient(x, fit, queries)
+        assert bool(torch.isfinite(gradient).all()), (dim, n_components)
+        assert bool((fit.variances > 0).all()), (dim, n_components)
+
+
+def test_nan_padding_is_ignored_and_nan_member_rejected():
+    x = clustered_sets(2, 6, 3, 2, seed=39)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    x[0, 4:] = float("nan")
+
+    fit = fit_diagonal_gmm(x, 2, mask)
+    assert bool(torch.isfinite(fit.means).all())
+
+    x[1, 2, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or infinite values in member rows of sets \[1\]"):
+        fit_diagonal_gmm(x, 2, mask)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (dict(n_components=0), r"n_components must be an int >= 1, got 0"),
+        (dict(max_iter=0), r"max_iter must be an int >= 1, got 0"),
+        (dict(tol=-1.0), r"tol must be a number >= 0, got -1.0"),
+        (dict(backward="adjoint"), r"backward must be one of .*'implicit'.*got 'adjoint'"),
+        (dict(init="random"), r"init must be one of .*got 'random'"),
+        (dict(variance_prior=VariancePrior(variance=-1.0)), r"variance_prior.variance must be .* got -1.0"),
+        (dict(variance_prior=VariancePrior(pseudo_count=0.0)), r"variance_prior.pseudo_count must be .* got 0.0"),
+        (dict(mean_prior_count=-0.5), r"mean_prior_count must be a finite number >= 0, got -0.5"),
+        (dict(weight_prior_count=float("nan")), r"weight_prior_count must be a finite number >= 0, got nan"),
+    ],
+)
+def test_invalid_options_raise(arguments, message):
+    x = clustered_sets(2, 6, 3, 2, seed=40)
+    options = dict(n_components=2) | arguments
+    n_components = options.pop("n_components")
+
+    with pytest.raises(ValueError, match=message):
+        fit_diagonal_gmm(x, n_components, **options)
+
+
+@pytest.mark.parametrize(
+    ("x", "mask", "message"),
+    [
+        (torch.zeros(6, 3), None, r"x must have shape \(B, N, D\), got shape \(6, 3\)"),
+        (torch.zeros(2, 6, 3, dtype=torch.int64), None, r"x must be float32 or float64, got torch.int64"),
+        (torch.zeros(2, 6, 3), torch.ones(2, 5, dtype=torch.bool), r"mask must have shape \(2, 6\)"),
+        (torch.zeros(2, 6, 3), torch.ones(2, 6), r"mask must be a bool tensor"),
+    ],
+)
+def test_invalid_points_raise(x, mask, message):
+    with pytest.raises(ValueError, match=message):
+        fit_diagonal_gmm(x, 2, mask)
+
+
+def test_invalid_init_tuple_raises():
+    x = clustered_sets(2, 6, 3, 2, seed=41)
+    weights, means, variances = collapsing_start(x)
+
+    with pytest.raises(ValueError, match=r"init means must be a tensor of shape \(2, 2, 3\)"):
+        fit_diagonal_gmm(x, 2, init=(weights, means[:, :, :2], variances))
+    with pytest.raises(ValueError, match=r"strictly positive"):
+        fit_diagonal_gmm(x, 2, init=(weights, means, -variances))
+
+
+def test_mixture_log_prob_rejects_mismatched_queries():
+    x = clustered_sets(2, 6, 3, 2, seed=42)
+    fit = fit_diagonal_gmm(x, 2)
+
+    with pytest.raises(ValueError, match=r"y must have shape \(B=2, M, D=3\)"):
+        mixture_log_prob(fit, torch.zeros(2, 4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"y is torch.float32 on cpu but the fit is torch.float64"):
+        mixture_log_prob(fit, torch.zeros(2, 4, 3))

@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+import torch
+
+from s2m.embeddings import BackboneHeadEmbedding, compute_descriptors, load_embedding, save_embedding
+from s2m.models.convnet import ConvNetEmbedding
+from s2m.set_models import SetModelSpec
+from s2m.training.metatrain import MetaTrainingOptions, ValidationProblems, meta_train, validation_map
+from s2m.training.pretrain import pretrain_classifier
+
+
+def _toy_images(n_concepts=6, per_concept=12, seed=0):
+    """Small images whose concept is a bright square at a concept-specific place."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 0.2, size=(n_concepts * per_concept, 1, 28, 28)).astype(np.float32)
+    labels = np.repeat(np.arange(n_concepts), per_concept)
+    for index, concept in enumerate(labels):
+        row, column = divmod(int(concept), 3)
+        images[index, 0, 4 + 8 * row : 10 + 8 * row, 2 + 8 * column : 8 + 8 * column] += 0.8
+    return torch.from_numpy(images), labels
+
+
+def _validation(inputs, labels, set_size=4):
+    concept_sets, gallery = [], []
+    for concept in np.unique(labels):
+        members = np.flatnonzero(labels == concept)
+        concept_sets.append(members[:set_size])
+        gallery.extend(members[set_size:])
+    gallery = np.asarray(gallery)
+    relevance = np.stack([labels[gallery] == c for c in np.unique(labels)])
+    return ValidationProblems(inputs, concept_sets, gallery, relevance)
+
+
+def test_convnet_output_is_unit_norm():
+    network = ConvNetEmbedding(channels=8, descriptor_dim=5)
+    descriptors = network(torch.rand(3, 1, 28, 28))
+    assert descriptors.shape == (3, 5)
+    assert torch.allclose(descriptors.norm(dim=1), torch.ones(3), atol=1e-6)
+
+
+def test_pretraining_learns_and_is_deterministic():
+    inputs, labels = _toy_images()
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        network = ConvNetEmbedding(channels=8, descriptor_dim=8)
+        history = pretrain_classifier(
+            network, inputs, labels, epochs=4, batch_size=24, learning_rate=0.01, seed=1, show_progress=False
+        )
+        weights.append(network.projection.weight.detach().clone())
+
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert torch.equal(weights[0], weights[1])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [SetModelSpec("mean"), SetModelSpec("gaussian"), SetModelSpec("gmm", 2, {"max_iter": 50})],
+    ids=["mean", "gaussian", "gmm"],
+)
+def test_meta_training_runs_and_keeps_best(spec):
+    inputs, labels = _toy_images()
+    torch.manual_seed(0)
+    network = ConvNetEmbedding(channels=8, descriptor_dim=8)
+    validation = _validation(inputs, labels)
+    options = MetaTrainingOptions(
+        steps=6, episodes_per_step=3, set_size=4, n_positives=4, n_negatives=8,
+        learning_rate=0.01, validate_every=3, seed=0,
+    )
+
+    history = meta_train(network, inputs, labels, spec, options, validation, show_progress=False)
+
+    assert [record["step"] for record in history] == [0, 3, 6]
+    assert all(0 <= record["loss"] <= 1 for record in history[1:])
+    best = max(record["validation_map"] for record in history)
+    assert validation_map(network, validation, spec, "cpu") == pytest.approx(best, abs=1e-6)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    network = ConvNetEmbedding(channels=8, descriptor_dim=6)
+    spec = {"architecture": "convnet", "channels": 8, "descriptor_dim": 6}
+    save_embedding(tmp_path / "m.pt", network, spec, {"kind": "test"})
+    loaded, loaded_spec, metadata = load_embedding(tmp_path / "m.pt")
+    inputs = torch.rand(5, 1, 28, 28)
+
+    assert loaded_spec == spec
+    assert metadata == {"kind": "test"}
+    np.testing.assert_allclose(
+        compute_descriptors(loaded, inputs, show_progress=False),
+        compute_descriptors(network.eval(), inputs, show_progress=False),
+        rtol=1e-6,
+    )
+
+
+def test_backbone_head_starts_as_normalised_identity():
+    features = torch.randn(4, 16)
+    descriptors = BackboneHeadEmbedding(16)(features)
+    assert torch.allclose(descriptors, torch.nn.functional.normalize(features, dim=1), atol=1e-6)
+
+
+def test_missing_checkpoint_names_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        load_embedding(tmp_path / "absent.pt")
+
+
+def test_unfrozen_tail_matches_backbone_at_start(raw_data_dir):
+    from s2m.embeddings import build_embedding
+    from s2m.models.mobilenet_v2 import load_mobilenet_v2_tflite
+
+    tflite_path = raw_data_dir / "mobilenet_v2" / "mobilenet_v2_1.0_224_quant.tflite"
+    backbone = load_mobilenet_v2_tflite(tflite_path).eval()
+    spec = {"architecture": "backbone_head", "feature_dim": 1280, "start_block": 16, "tflite_path": str(tflite_path)}
+    network = build_embedding(spec).eval()
+    images = torch.rand(2, 3, 224, 224) * 2 - 1
+
+    with torch.no_grad():
+        cached = backbone.forward_features(images, start=0, end=16)
+        descriptors = network(cached)
+        expected = torch.nn.functional.normalize(backbone.pooled_features(images), dim=1)
+
+    assert torch.allclose(descriptors, expected, atol=1e-5)
+    trainable = [name for name, p in network.named_parameters() if p.requires_grad]
+    assert any(name.startswith("tail.backbone.blocks.16") for name in trainable)
