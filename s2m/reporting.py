@@ -390,13 +390,17 @@ def provenance(config: Mapping[str, Any], repo_dir: str | os.PathLike) -> dict[s
     -------
     info : dict
         ``git_commit`` (str), ``git_dirty`` (bool or None: True if
-        ``git status --porcelain`` lists changed or untracked files),
+        ``git status --porcelain`` lists changed or untracked files outside
+        the config's ``results_dir``, whose outputs do not change the code),
         ``config_sha256`` (str, see :func:`config_sha256`), ``created_utc``
         (ISO 8601 str) and ``versions`` (dict of package name to version).
     """
     repo_dir = Path(repo_dir)
     commit = _run_git(repo_dir, "rev-parse", "HEAD")
-    status = _run_git(repo_dir, "status", "--porcelain") if commit is not None else None
+    results_dir = str(config.get("results_dir", "results"))
+    status = None
+    if commit is not None:
+        status = _run_git(repo_dir, "status", "--porcelain", "--", ".", f":(exclude){results_dir}")
 
     return {
         "git_commit": commit.strip() if commit is not None else "unknown",
