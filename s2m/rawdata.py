@@ -51,7 +51,7 @@ def resolve_raw_data_dir(config_value: str | os.PathLike | None) -> Path:
         raise ValueError(
             f"No raw-data folder is set. Set the environment variable {RAW_DATA_ENV_VAR} "
             "or `raw_data_dir` in config/config.yaml to the folder that contains "
-            "omniglot/ and caltech101/."
+            "omniglot/, caltech101/ and mobilenet_v2/."
         )
 
     path = Path(raw_value).expanduser()
@@ -64,7 +64,7 @@ def resolve_raw_data_dir(config_value: str | os.PathLike | None) -> Path:
         raise FileNotFoundError(
             f"Raw-data folder {path} (from the {source}) {problem}. "
             f"Set {RAW_DATA_ENV_VAR} or `raw_data_dir` in config/config.yaml to the "
-            "folder that contains omniglot/ and caltech101/."
+            "folder that contains omniglot/, caltech101/ and mobilenet_v2/."
         )
     return path
 

@@ -125,3 +125,20 @@ def test_missing_raw_data_stops_workflow(tmp_path):
     log = (tmp_path / "results-tiny" / "logs" / "build_dataset" / "omniglot.log").read_text()
     assert str(missing) in log
     assert "S2M_RAW_DATA" in log
+
+
+@pytest.mark.workflow
+def test_config_change_reruns_affected_jobs(tiny_run, raw_data_dir, tmp_path):
+    changed = tmp_path / "changed.yaml"
+    changed.write_text("evaluation:\n  n_bootstrap: 300\n")
+    result = _run(
+        ["--cores", "2", "--dry-run", "--configfile", str(REPOSITORY / "config" / "tiny.yaml"), str(changed)],
+        tiny_run.parent,
+        raw_data_dir,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Nothing to be done" not in output
+    assert "rule table:" in output
+    assert "rule meta_train:" not in output
+    assert "rule evaluate:" not in output

@@ -69,7 +69,7 @@ def table_step(
         summary,
         noise_levels,
         figure_path,
-        title=f"{dataset}: mAP against the noise in the concept set",
+        title=f"{dataset}: mAP against noise, single-category concepts",
         method_order=labels,
     )
 

@@ -82,7 +82,7 @@ def pretrain_step(
     if dataset == "omniglot":
         table = read_image_table(dataset_dir)
         train = table["split"].to_numpy() == "meta_train"
-        inputs = load_network_inputs(dataset_dir, spec)[torch.from_numpy(train)]
+        inputs = load_network_inputs(dataset_dir, spec)[torch.as_tensor(np.array(train))]
         options = config["omniglot"]["pretraining"]
         metadata["history"] = pretrain_classifier(
             network,
@@ -157,7 +157,7 @@ def meta_train_step(
     inputs = load_network_inputs(dataset_dir, spec, features_path)
 
     train = table["split"].to_numpy() == "meta_train"
-    train_inputs = inputs[torch.from_numpy(train)]
+    train_inputs = inputs[torch.as_tensor(np.array(train))]
     labels = table.loc[train, "concept"].to_numpy()
 
     set_model = set_model_spec(config, variant)

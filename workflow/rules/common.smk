@@ -45,3 +45,24 @@ def protocols(dataset):
 
 def method_embedding(method):
     return "pretrained" if method in config["baselines"] else method
+
+
+def settings(*parts):
+    """Canonical JSON of the config entries a job reads.
+
+    Passed as a rule parameter, so that Snakemake's params rerun trigger reruns
+    a job, and everything after it, when one of these entries changes.
+    """
+    import json
+
+    def lookup(path):
+        value = config
+        for key in path.split("."):
+            value = value.get(key, {}) if isinstance(value, dict) else {}
+        return value
+
+    def render(wildcards):
+        paths = [part.format(**dict(wildcards.items())) for part in parts]
+        return json.dumps({path: lookup(path) for path in paths}, sort_keys=True)
+
+    return render

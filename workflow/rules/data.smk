@@ -6,6 +6,7 @@ rule build_dataset:
         f"{RESULTS}/{{dataset}}/dataset/manifest.json",
     params:
         out_dir=lambda wildcards: dataset_dir(wildcards.dataset),
+        settings=settings("{dataset}.build", "seed", "download"),
     log:
         f"{RESULTS}/logs/build_dataset/{{dataset}}.log",
     benchmark:
@@ -21,6 +22,7 @@ rule make_problems:
         f"{RESULTS}/{{dataset}}/problems/{{protocol}}.json",
     params:
         dataset_dir=lambda wildcards: dataset_dir(wildcards.dataset),
+        settings=settings("{dataset}.protocols.{protocol}", "seed"),
     log:
         f"{RESULTS}/logs/make_problems/{{dataset}}/{{protocol}}.log",
     benchmark:

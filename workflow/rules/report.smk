@@ -11,6 +11,8 @@ rule table:
         csv=f"{RESULTS}/tables/{{dataset}}.csv",
         markdown=f"{RESULTS}/tables/{{dataset}}.md",
         figure=f"{RESULTS}/figures/{{dataset}}_map_vs_noise.png",
+    params:
+        settings=settings("evaluation", "baselines", "meta_trained", "{dataset}.protocols"),
     log:
         f"{RESULTS}/logs/table/{{dataset}}.log",
     benchmark:

@@ -8,6 +8,7 @@ rule cache_backbone_features:
         f"{RESULTS}/{{dataset}}/features/backbone.npy",
     params:
         dataset_dir=lambda wildcards: dataset_dir(wildcards.dataset),
+        settings=settings("{dataset}.backbone", "device"),
     threads: THREADS
     log:
         f"{RESULTS}/logs/cache_backbone_features/{{dataset}}.log",
@@ -25,6 +26,7 @@ rule pretrain:
         f"{RESULTS}/{{dataset}}/models/pretrained.pt",
     params:
         dataset_dir=lambda wildcards: dataset_dir(wildcards.dataset),
+        settings=settings("{dataset}.embedding", "{dataset}.pretraining", "{dataset}.backbone", "seed", "device"),
     threads: THREADS
     log:
         f"{RESULTS}/logs/pretrain/{{dataset}}.log",
@@ -44,6 +46,7 @@ rule meta_train:
         history=f"{RESULTS}/{{dataset}}/models/{{variant}}_history.csv",
     params:
         dataset_dir=lambda wildcards: dataset_dir(wildcards.dataset),
+        settings=settings("{dataset}.meta_training", "meta_trained.{variant}", "mixture", "seed", "device"),
     threads: THREADS
     log:
         f"{RESULTS}/logs/meta_train/{{dataset}}/{{variant}}.log",
