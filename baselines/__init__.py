@@ -25,7 +25,7 @@ __all__ = ["SetMethod", "discover_baselines", "get_baseline"]
 
 
 class SetMethod(abc.ABC):
-    """A method that fits a model to one concept set and scores a gallery. It sees descriptors only.
+    """A method that fits a model to one concept set and scores a gallery. It receives descriptors only.
 
     Subclasses set the class attributes below and implement :meth:`fit` and
     :meth:`score`. Parameters are passed as keyword arguments, merged over

@@ -22,7 +22,7 @@ def select_device(preference: str = "auto") -> torch.device:
     ------
     ValueError
         If ``preference`` is not one of the choices, or is ``"cuda"`` on a
-        machine where torch sees no CUDA device.
+        machine where torch finds no CUDA device.
     """
     if preference not in DEVICE_CHOICES:
         raise ValueError(
@@ -34,7 +34,7 @@ def select_device(preference: str = "auto") -> torch.device:
 
     if preference == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            "device is 'cuda' but torch sees no CUDA device. Set device to "
+            "device is 'cuda' but torch finds no CUDA device. Set device to "
             "'auto' or 'cpu' in the config, or install a CUDA build of torch."
         )
 

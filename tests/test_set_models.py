@@ -38,8 +38,8 @@ def test_scorer_batch_matches_single_sets(kind, components):
     batched = scorer.fit_score_batch(sets, gallery)
     single = np.stack([scorer.fit(s).score(gallery) for s in sets])
 
-    # In float32, EM stops at a tolerance, so a set fitted in another batch can stop a
-    # few iterations apart; the scores then agree to about 1e-3.
+    # In float32, EM stops at a tolerance, so a set fitted in another batch can stop
+    # a few iterations apart. The scores then agree to about 1e-3.
     assert batched.shape == (3, 30)
     np.testing.assert_allclose(batched, single, rtol=5e-3, atol=5e-3)
 

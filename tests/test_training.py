@@ -121,3 +121,10 @@ def test_unfrozen_tail_matches_backbone_at_start(raw_data_dir):
     assert torch.allclose(descriptors, expected, atol=1e-5)
     trainable = [name for name, p in network.named_parameters() if p.requires_grad]
     assert any(name.startswith("tail.backbone.blocks.16") for name in trainable)
+
+
+def test_mobilenet_block_count_constant():
+    from s2m.models.mobilenet_v2 import N_BLOCKS, MobileNetV2
+
+    assert N_BLOCKS == MobileNetV2().n_blocks
+    assert N_BLOCKS == 19

@@ -62,6 +62,9 @@ INVERTED_RESIDUAL_SETTINGS = (
 )
 STEM_CHANNELS = 32
 
+# The stem, every inverted residual block and the final 1x1 convolution.
+N_BLOCKS = 1 + sum(repeats for _, _, repeats, _ in INVERTED_RESIDUAL_SETTINGS) + 1
+
 
 def tf_same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
     """Compute TensorFlow ``SAME`` padding of one spatial dimension.

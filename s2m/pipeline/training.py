@@ -25,21 +25,20 @@ from s2m.training.pretrain import pretrain_classifier
 
 logger = logging.getLogger(__name__)
 
-MOBILENET_V2_FEATURE_DIM = 1280
-
-
 def embedding_spec(config: dict, dataset: str) -> dict:
     """Return the embedding spec of ``dataset`` (see :mod:`s2m.embeddings`)."""
     if dataset == "omniglot":
         return dict(config["omniglot"]["embedding"])
 
     backbone = config[dataset]["backbone"]
-    spec = {"architecture": "backbone_head", "feature_dim": MOBILENET_V2_FEATURE_DIM}
+    from s2m.models.mobilenet_v2 import FEATURE_DIM
+
+    spec = {"architecture": "backbone_head", "feature_dim": FEATURE_DIM}
     unfreeze = backbone.get("unfreeze_last_blocks", 0)
     if unfreeze:
-        from s2m.models.mobilenet_v2 import MobileNetV2
+        from s2m.models.mobilenet_v2 import N_BLOCKS
 
-        spec["start_block"] = MobileNetV2().n_blocks - unfreeze
+        spec["start_block"] = N_BLOCKS - unfreeze
         spec["tflite_path"] = str(raw_data_dir(config) / "mobilenet_v2" / "mobilenet_v2_1.0_224_quant.tflite")
     return spec
 

@@ -1,9 +1,9 @@
 """Sampling of meta-training episodes.
 
-An episode, as in Set2Model meta-training, holds a concept set of one
+An episode, as in Set2Model meta-training, contains a concept set of one
 training concept, positives (other images of that concept) and negatives
 (images of other training concepts). A fraction of the concept set can be
-replaced by images of other concepts, so that training sees noisy sets like
+replaced by images of other concepts, so that training meets noisy sets like
 those of a web image search.
 """
 

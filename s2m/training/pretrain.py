@@ -1,6 +1,6 @@
 """Pretraining of the embedding as a classifier on the meta-training concepts.
 
-For Omniglot this stands in for ImageNet pretraining: the Set2Model variants
+For Omniglot this replaces ImageNet pretraining: the Set2Model variants
 and the baselines start from descriptors that already separate the training
 concepts.
 """
