@@ -17,7 +17,14 @@ from s2m.mixture import (
 )
 from s2m.mixture.checks import validate_points
 from s2m.mixture.em import e_step, initial_parameters, point_features, run_em
-from s2m.mixture.implicit import ImplicitEMFit, gather_soft_points
+from s2m.mixture.implicit import (
+    ImplicitEMFit,
+    gather_soft_points,
+    hard_assignment_vjp,
+    parameter_cotangent,
+    solve_structured,
+    stationarity_vjp,
+)
 from s2m.mixture.prior import resolve_penalty
 from s2m.mixture.synthetic import clustered_sets
 
@@ -173,6 +180,57 @@ def test_implicit_gradient_matches_long_unrolled_em(n_components):
         gradients.append(torch.autograd.grad(log_prob.sum(), x)[0])
 
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("n_components", [2, 3])
+def test_hard_assignment_gradient_matches_dense_and_unrolled(n_components):
+    # Tight, distant clusters give one-hot responsibilities, so the backward pass takes the
+    # path without soft points. The loss reads every output, the lower bound included.
+    x = clustered_sets(3, 12, 6, n_components, noise=0.05, normalize=False, seed=32).requires_grad_(True)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[1, 10:] = False
+    queries = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    fit = stationary_fit(x, n_components, mask)
+    assert count_soft_points(x.detach(), fit) == 0
+
+    cotangents = random_cotangents(fit, 9)
+    (implicit,) = torch.autograd.grad(parameter_loss(fit, cotangents), x, retain_graph=True)
+    dense = implicit_gradient_dense(x.detach(), fit, *cotangents, mask)
+    torch.testing.assert_close(implicit, dense, rtol=1e-8, atol=1e-10)
+
+    points, member = validate_points(x, mask)
+    penalty = resolve_penalty(6, VariancePrior(), 0.01, 0.1)
+    start = initial_parameters(points, member, n_components, 0, penalty)
+    features = point_features(points)
+    unrolled = run_em(features, member, *start, penalty, LONG_RUN, -math.inf)
+    _, objective = e_step(features, member, unrolled.weights, unrolled.means, unrolled.variances, penalty)
+    unrolled_fit = GaussianMixtureFit(
+        unrolled.weights, unrolled.means, unrolled.variances, unrolled.converged, unrolled.n_iter, objective / member.sum(-1)
+    )
+
+    gradients = []
+    for candidate in (fit, unrolled_fit):
+        loss = weighted_loss_terms(candidate, queries, torch.Generator().manual_seed(10)).sum()
+        gradients.append(torch.autograd.grad(loss, x)[0])
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-9, atol=1e-11)
+
+
+def test_hard_assignment_path_matches_woodbury_path():
+    x = clustered_sets(2, 10, 5, 2, noise=0.05, normalize=False, seed=33)
+    member = torch.ones(2, 10, dtype=torch.float64)
+    penalty = resolve_penalty(5, VariancePrior(), 0.01, 0.1)
+    fit = stationary_fit(x, 2)
+    parameters = (fit.weights.detach(), fit.means.detach(), fit.variances.detach())
+    responsibilities, _ = e_step(point_features(x), member, *parameters, penalty)
+    grad_weights, grad_means, grad_variances = random_cotangents(fit, 11)
+    scale = torch.tensor([0.3, -0.7], dtype=torch.float64)
+
+    hard = hard_assignment_vjp(x, responsibilities, *parameters[1:], grad_means, grad_variances, scale, penalty)
+    vector = parameter_cotangent(parameters[0], parameters[2], grad_weights, grad_means, grad_variances)
+    solution, soft, _ = solve_structured(x, member, responsibilities, *parameters, vector, penalty)
+    assert soft is None
+    general = stationarity_vjp(x, responsibilities, *parameters[1:], solution, None, scale)
+    torch.testing.assert_close(hard, general, rtol=1e-12, atol=1e-14)
 
 
 def test_one_component_em_gradient_matches_closed_form():

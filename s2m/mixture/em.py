@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from s2m.mixture.prior import Penalty, log_prior
+from s2m.mixture.prior import Penalty, log_prior_from_sums
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -87,40 +87,108 @@ def point_features(x: Tensor) -> Tensor:
     return features
 
 
-def log_component_densities(
-    features: Tensor, means: Tensor, variances: Tensor, log_variances: Tensor | None = None
-) -> Tensor:
-    """Compute :math:`\\log \\mathcal{N}(x_i \\mid \\mu_k, \\operatorname{diag} \\sigma^2_k)` for all points and components.
+@dataclass
+class ExpandedComponents:
+    """Per-component coefficients of the expanded log-density, and the sums the prior needs.
 
-    The quadratic form is expanded, :math:`\\sum_d x^2 / \\sigma^2 - 2 x \\mu / \\sigma^2 + \\mu^2 / \\sigma^2`,
-    so that it costs one batched matrix product instead of an (N, K, D) temporary. The
-    expansion loses precision when :math:`|x|` greatly exceeds :math:`|x - \\mu|` in units of
-    :math:`\\sigma`, which the variance prior bounds.
+    With precisions :math:`p_{kd} = 1 / \\sigma^2_{kd}`,
+
+    .. math::
+
+        \\log \\mathcal{N}(x \\mid \\mu_k, \\operatorname{diag} \\sigma^2_k)
+        = -\\tfrac{1}{2} \\sum_d \\big(p_{kd} x_d^2 - 2 p_{kd} \\mu_{kd} x_d\\big) + c_k,
+        \\qquad
+        c_k = -\\tfrac{1}{2} \\Big(D \\log 2\\pi + \\sum_d \\log \\sigma^2_{kd} + \\sum_d p_{kd} \\mu_{kd}^2\\Big),
+
+    so that the densities of all points cost one batched matrix product with
+    :func:`point_features`. The expansion loses precision when :math:`|x|` greatly exceeds
+    :math:`|x - \\mu|` in units of :math:`\\sigma`, which the variance prior bounds.
+
+    Attributes
+    ----------
+    coefficients : Tensor of shape (B, K, 2D)
+        :math:`[p_k, -2 p_k \\mu_k]`, to multiply the features :math:`[x^2, x]`.
+    offsets : Tensor of shape (B, K)
+        :math:`c_k`.
+    sum_log_variances, sum_precisions, sum_scaled_mean_squares : Tensor of shape (B, K)
+        :math:`\\sum_d \\log \\sigma^2_{kd}`, :math:`\\sum_d p_{kd}` and :math:`\\sum_d p_{kd} \\mu_{kd}^2`.
+    """
+
+    coefficients: Tensor
+    offsets: Tensor
+    sum_log_variances: Tensor
+    sum_precisions: Tensor
+    sum_scaled_mean_squares: Tensor
+
+    @classmethod
+    def from_parameters(cls, means: Tensor, variances: Tensor) -> ExpandedComponents:
+        """Build the coefficients from means and variances of shape (B, K, D)."""
+        precisions = variances.reciprocal()
+        scaled_means = means * precisions
+        coefficients = torch.cat([precisions, -2.0 * scaled_means], dim=-1)
+
+        sum_log_variances = torch.log(variances).sum(dim=-1)
+        sum_scaled_mean_squares = (means * scaled_means).sum(dim=-1)
+        offsets = -0.5 * (means.shape[-1] * LOG_2PI + sum_log_variances + sum_scaled_mean_squares)
+        return cls(coefficients, offsets, sum_log_variances, precisions.sum(dim=-1), sum_scaled_mean_squares)
+
+    def log_joint(self, features: Tensor, log_weights: Tensor) -> Tensor:
+        """Compute :math:`\\log \\pi_k + \\log \\mathcal{N}(x_i \\mid \\mu_k, \\operatorname{diag} \\sigma^2_k)`, shape (B, N, K).
+
+        ``features`` (B, N, 2D) are :func:`point_features` of the points and
+        ``log_weights`` (B, K) the log mixing weights, or zeros for the densities alone.
+        """
+        shift = (self.offsets + log_weights).unsqueeze(1)
+        return torch.baddbmm(shift, features, self.coefficients.transpose(1, 2), alpha=-0.5)
+
+
+def log_component_densities(features: Tensor, means: Tensor, variances: Tensor) -> Tensor:
+    """Compute :math:`\\log \\mathcal{N}(x_i \\mid \\mu_k, \\operatorname{diag} \\sigma^2_k)` for all points and components.
 
     Parameters
     ----------
     features : Tensor of shape (B, N, 2D)
         :func:`point_features` of the points.
     means, variances : Tensor of shape (B, K, D)
-    log_variances : Tensor of shape (B, K, D), optional
-        ``log(variances)``, passed by callers that need it elsewhere too.
 
     Returns
     -------
     Tensor of shape (B, N, K)
     """
-    if log_variances is None:
-        log_variances = torch.log(variances)
-    precisions = variances.reciprocal()
-    scaled_means = means * precisions
+    components = ExpandedComponents.from_parameters(means, variances)
+    return components.log_joint(features, torch.zeros_like(components.offsets))
 
-    # Coefficients laid out as (B, K, 2D) and passed transposed, the fast layout for bmm.
-    coefficients = torch.cat([precisions, -2.0 * scaled_means], dim=-1)
-    quadratic = torch.bmm(features, coefficients.transpose(1, 2))
-    quadratic = quadratic + (means * scaled_means).sum(dim=-1).unsqueeze(1)
 
-    constant = means.shape[-1] * LOG_2PI + log_variances.sum(dim=-1)
-    return -0.5 * (quadratic + constant.unsqueeze(1))
+def normalize_log_joint(joint: Tensor) -> tuple[Tensor, Tensor]:
+    """Normalise log joint probabilities over components into responsibilities and the log-evidence.
+
+    Computes :math:`r_{ik} = \\exp(a_{ik} - m_i) / s_i` and
+    :math:`\\log \\sum_k \\exp a_{ik} = m_i + \\log s_i`, with :math:`m_i = \\max_k a_{ik}` and
+    :math:`s_i = \\sum_k \\exp(a_{ik} - m_i)`, from one exponential per entry.
+
+    Responsibilities below :math:`\\sqrt{t}`, with :math:`t` the smallest normal number of
+    the dtype (about 1e-19 in float32 and 1e-154 in float64), are set to exactly zero. The
+    CPU's exp is many times slower on arguments whose result is subnormal or underflows, and
+    in high dimension most entries of :math:`a_{ik} - m_i` are such arguments. The cut also
+    keeps subnormal products out of the M-step. Relative to the largest responsibility of a
+    point, 1, what is cut is far below the resolution of the dtype.
+
+    Parameters
+    ----------
+    joint : Tensor of shape (..., K)
+
+    Returns
+    -------
+    responsibilities : Tensor of shape (..., K)
+    log_norm : Tensor of shape (...)
+    """
+    floor = 0.5 * math.log(torch.finfo(joint.dtype).tiny)
+    peak = joint.detach().amax(dim=-1, keepdim=True)
+    exponent = joint - peak
+    scaled = torch.exp(exponent.clamp_min(floor)).masked_fill(exponent < floor, 0.0)
+    total = scaled.sum(dim=-1, keepdim=True)
+    log_norm = (torch.log(total) + peak).squeeze(-1)
+    return scaled / total, log_norm
 
 
 def e_step(
@@ -151,12 +219,18 @@ def e_step(
         :mod:`s2m.mixture.prior`).
     """
     log_weights = torch.log(weights)
-    log_variances = torch.log(variances)
-    joint = log_component_densities(features, means, variances, log_variances) + log_weights.unsqueeze(1)
-    log_norm = torch.logsumexp(joint, dim=-1)
+    components = ExpandedComponents.from_parameters(means, variances)
+    responsibilities, log_norm = normalize_log_joint(components.log_joint(features, log_weights))
 
-    responsibilities = torch.exp(joint - log_norm.unsqueeze(-1)) * member.unsqueeze(-1)
-    objective = (log_norm * member).sum(dim=-1) + log_prior(log_weights, means, variances, penalty, log_variances)
+    responsibilities = responsibilities * member.unsqueeze(-1)
+    prior = log_prior_from_sums(
+        log_weights,
+        components.sum_log_variances,
+        components.sum_precisions,
+        components.sum_scaled_mean_squares,
+        penalty,
+    )
+    objective = (log_norm * member).sum(dim=-1) + prior
     return responsibilities, objective
 
 
@@ -194,10 +268,11 @@ def m_step(
     mean_denominator = (counts + penalty.mean_count).clamp_min(torch.finfo(features.dtype).tiny).unsqueeze(-1)
     means = first_moment / mean_denominator
 
-    # second_moment - (N_k + kappa_0) mu^2 = sum_i r_ik (x_i - mu)^2 + kappa_0 mu^2, which
-    # rounding can push slightly below zero.
-    scatter = (second_moment - mean_denominator * means.square()).clamp_min(0.0)
-    variances = (scatter + penalty.variance_count * penalty.variance) / (counts + penalty.variance_count).unsqueeze(-1)
+    # second_moment - first_moment * mu = sum_i r_ik (x_i - mu)^2 + kappa_0 mu^2. Rounding
+    # can push it slightly below zero, so the sum with n_0 v_0 is clamped at n_0 v_0.
+    prior_scatter = penalty.variance_count * penalty.variance
+    scatter = torch.addcmul(second_moment, first_moment, means, value=-1.0) + prior_scatter
+    variances = scatter.clamp_min(prior_scatter) / (counts + penalty.variance_count).unsqueeze(-1)
     return weights, means, variances
 
 
@@ -313,13 +388,6 @@ def initial_parameters(
     return m_step(features, member, responsibilities, penalty)
 
 
-def write_back(full: tuple[Tensor, ...], gathered: Tensor, parts: list[Tensor]) -> tuple[Tensor, ...]:
-    """Copy the rows ``parts`` of the sets ``gathered`` into the tensors ``full``, out of place."""
-    if gathered.numel() == full[0].shape[0]:
-        return tuple(parts)
-    return tuple(tensor.index_copy(0, gathered, part) for tensor, part in zip(full, parts))
-
-
 def run_em(
     features: Tensor,
     member: Tensor,
@@ -337,9 +405,9 @@ def run_em(
     stationary point of the objective given the last responsibilities. A set has converged
     when its objective per member grew by at most ``tol`` over the previous iteration.
     The test is one-sided: EM never decreases the objective in exact arithmetic, so a
-    decrease only comes from rounding at convergence and also ends the iteration. Each
-    iteration computes only the sets still running, so a set's fit does not depend on the
-    rest of the batch and converged sets cost nothing.
+    decrease only comes from rounding at convergence and also ends the iteration. A set's
+    parameters are taken out of the iteration at the M-step that follows its convergence
+    test, so its fit does not depend on the rest of the batch.
 
     Parameters
     ----------
@@ -362,46 +430,70 @@ def run_em(
     converged = torch.zeros(batch_size, dtype=torch.bool, device=device)
     n_iter = torch.zeros(batch_size, dtype=torch.int64, device=device)
 
-    # Each iteration computes the gathered sets, a superset of those still running, and
-    # keeps their working parameters apart from the full ones. The sets are gathered again
-    # once the running ones fill at most half of them, so copying costs at most twice the
-    # first gather and the wasted rows at most as much as the useful ones.
+    # Each iteration computes the gathered sets, a superset of those still running. Sets
+    # that have finished stay in it, computed but unused, until the running ones fill at
+    # most half of it; then it is gathered again. Copying thus costs at most twice the
+    # first gather, and the wasted rows at most as much as the useful ones.
     gathered = torch.arange(batch_size, device=device)
     running = torch.ones(batch_size, dtype=torch.bool, device=device)
-    rows = [features, member, member.sum(dim=-1), torch.full_like(member[:, 0], -math.inf)]
-    parameters = [weights, means, variances]
+    rows = [features, member, member.sum(dim=-1)]
+    previous = torch.full_like(rows[2], -math.inf)
+    parameters = (weights, means, variances)
+    finished_sets, finished_parameters = [], []
 
     for _ in range(max_iter):
-        gathered_features, gathered_member, n_members, previous = rows
+        gathered_features, gathered_member, n_members = rows
         responsibilities, objective = e_step(gathered_features, gathered_member, *parameters, penalty)
 
-        per_member = (objective / n_members).detach()
+        per_member = objective.detach() / n_members
         done = running & (per_member - previous <= tol)
-        rows[3] = torch.where(running, per_member, previous)
+        previous = per_member
 
-        updated = m_step(gathered_features, gathered_member, responsibilities, penalty)
-        if bool(running.all()):
-            parameters = list(updated)
-        else:
-            parameters = [
-                torch.where(running.view(-1, *[1] * (old.dim() - 1)), new, old) for new, old in zip(updated, parameters)
-            ]
+        parameters = m_step(gathered_features, gathered_member, responsibilities, penalty)
         n_iter.index_add_(0, gathered, running.long())
-        converged[gathered[done]] = True
+        if not bool(done.any()):
+            continue
 
+        finished_sets.append(gathered[done])
+        finished_parameters.append(tuple(tensor[done] for tensor in parameters))
+        converged[gathered[done]] = True
         running = running & ~done
         n_running = int(running.sum())
         if n_running == 0:
             break
         if n_running <= gathered.numel() // 2:
-            weights, means, variances = write_back((weights, means, variances), gathered, parameters)
             gathered = gathered[running]
             rows = [tensor[running] for tensor in rows]
-            parameters = [tensor[running] for tensor in parameters]
+            previous = previous[running]
+            parameters = tuple(tensor[running] for tensor in parameters)
             running = torch.ones(n_running, dtype=torch.bool, device=device)
 
-    weights, means, variances = write_back((weights, means, variances), gathered, parameters)
-    return EMResult(weights, means, variances, converged, n_iter)
+    if bool(running.any()):
+        finished_sets.append(gathered[running])
+        finished_parameters.append(tuple(tensor[running] for tensor in parameters))
+    return EMResult(*assemble_sets(finished_sets, finished_parameters), converged, n_iter)
+
+
+def assemble_sets(sets: list[Tensor], parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """Put per-set results, given in groups of set indices, back in the order of the sets.
+
+    Parameters
+    ----------
+    sets : list of Tensor of shape (G_j,), int64
+        Disjoint groups of set indices that together cover 0 .. B - 1.
+    parts : list of tuples of Tensor, each of shape (G_j, ...)
+        The results of each group, in the order of its indices.
+
+    Returns
+    -------
+    tuple of Tensor, each of shape (B, ...)
+    """
+    if len(parts) == 1:
+        order = sets[0]
+        if bool((order == torch.arange(order.numel(), device=order.device)).all()):
+            return parts[0]
+    order = torch.argsort(torch.cat(sets))
+    return tuple(torch.cat(tensors)[order] for tensors in zip(*parts))
 
 
 def fit_in_chunks(

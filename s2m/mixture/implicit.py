@@ -112,21 +112,38 @@ class BlockDiagonalInverse:
         :math:`1 / A_{\\mu\\mu} = -\\sigma^2_{kd} / (N_k + \\kappa_0)`.
     log_variances : Tensor of shape (B, K, 1)
         :math:`1 / A_{ss} = -2 / (N_k + n_0)`, the same for every dimension.
-    logits : Tensor of shape (B, K - 1, K - 1)
-        Inverse of the logits block.
+    first_logits : Tensor of shape (B, K - 1)
+        :math:`-1 / (\\pi_k (N + K\\lambda))` for :math:`k < K`.
+    last_logit : Tensor of shape (B, 1)
+        :math:`-1 / (\\pi_K (N + K\\lambda))`.
+
+    The inverse of the logits block is
+    :math:`-(\\operatorname{diag}(1/\\pi') + \\mathbf{1}\\mathbf{1}^\\top / \\pi_K) / (N + K\\lambda)`
+    over the first K - 1 weights :math:`\\pi'`, that is
+    ``diag(first_logits) + last_logit * ones``, which is applied without forming it.
     """
 
     means: Tensor
     log_variances: Tensor
-    logits: Tensor
+    first_logits: Tensor
+    last_logit: Tensor
 
     def apply(self, vector: ParameterVector) -> ParameterVector:
         """Multiply by :math:`A^{-1}`."""
         return ParameterVector(
             self.means * vector.means,
             self.log_variances * vector.log_variances,
-            torch.bmm(self.logits, vector.logits.unsqueeze(-1)).squeeze(-1),
+            self.apply_logits(vector.logits),
         )
+
+    def apply_logits(self, logits: Tensor) -> Tensor:
+        """Multiply vectors of shape (B, K - 1) or (B, K - 1, M) by the inverse of the logits block."""
+        if logits.shape[1] == 0:
+            return logits
+        extra = (1,) * (logits.dim() - 2)
+        first = self.first_logits.view(*self.first_logits.shape, *extra)
+        last = self.last_logit.view(-1, 1, *extra)
+        return torch.addcmul(logits.sum(dim=1, keepdim=True) * last, logits, first)
 
 
 @dataclass
@@ -204,12 +221,9 @@ def block_diagonal_inverse(
     counts = responsibilities.sum(dim=1).unsqueeze(-1)
     means = -variances / (counts + penalty.mean_count)
     log_variances = -2.0 / (counts + penalty.variance_count)
-
-    n_components = weights.shape[-1]
-    total = member.sum(dim=-1) + n_components * penalty.weight_count
-    logits = torch.diag_embed(weights[:, :-1].reciprocal()) + weights[:, -1:].reciprocal().unsqueeze(-1)
-    logits = -logits / total.view(-1, 1, 1)
-    return BlockDiagonalInverse(means, log_variances, logits)
+    total = member.sum(dim=-1, keepdim=True) + weights.shape[-1] * penalty.weight_count
+    logits = -(weights * total).reciprocal()
+    return BlockDiagonalInverse(means, log_variances, logits[:, :-1], logits[:, -1:])
 
 
 def gather_soft_points(x: Tensor, responsibilities: Tensor, means: Tensor, variances: Tensor) -> SoftPoints | None:
@@ -274,7 +288,7 @@ def woodbury_correction(
 
     capacitance = torch.einsum("bilk,blij,bjlm->bikjm", mixing, gram, mixing).reshape(batch_size, size, size)
     logit_columns = mixing[:, :, :-1, :].permute(0, 2, 1, 3).reshape(batch_size, n_components - 1, size)
-    capacitance = capacitance + logit_columns.transpose(1, 2) @ inverse.logits @ logit_columns
+    capacitance = capacitance + logit_columns.transpose(1, 2) @ inverse.apply_logits(logit_columns)
     capacitance = capacitance + torch.eye(size, dtype=mixing.dtype, device=mixing.device)
 
     # Project A^{-1} v on every column of V.
@@ -333,8 +347,11 @@ def solve_structured(
     variances: Tensor,
     vector: ParameterVector,
     penalty: Penalty,
+    soft: SoftPoints | None = None,
 ) -> tuple[ParameterVector, SoftPoints | None, Tensor]:
     """Solve :math:`H w = v` with the block-diagonal plus low-rank structure of :math:`H`.
+
+    ``soft`` are the points of :func:`gather_soft_points`, gathered here when not given.
 
     Returns
     -------
@@ -349,7 +366,8 @@ def solve_structured(
     solution = inverse.apply(vector)
     singular = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
-    soft = gather_soft_points(x, responsibilities, means, variances)
+    if soft is None:
+        soft = gather_soft_points(x, responsibilities, means, variances)
     if soft is not None:
         correction, singular = woodbury_correction(soft, inverse, solution)
         correction = inverse.apply(correction)
@@ -388,14 +406,11 @@ def stationarity_vjp(
     :math:`-\\frac{1}{N} \\sum_k r_{ik} (x_i - \\mu_k) / \\sigma^2_k` (envelope theorem),
     added with the weight ``lower_bound_scale`` of shape (B,).
     """
-    precisions = variances.reciprocal()
-    logvar_weight = solution.log_variances + lower_bound_scale.view(-1, 1, 1)
-    negated_constant = (logvar_weight * means - solution.means) * precisions
-    negated_linear = -logvar_weight * precisions
-
-    combined = torch.bmm(responsibilities, torch.cat([negated_constant, negated_linear], dim=-1))
-    constant, linear = combined.split(x.shape[-1], dim=-1)
-    gradient = torch.addcmul(constant, x, linear)
+    # With c_k = (w^s_k + scale) / sigma^2_k, the sum over k is
+    # sum_k r_ik (c_k mu_k - w^mu_k / sigma^2_k) - x_i sum_k r_ik c_k.
+    linear = (solution.log_variances + lower_bound_scale.view(-1, 1, 1)) / variances
+    constant = torch.addcmul(-solution.means / variances, linear, means)
+    gradient = torch.bmm(responsibilities, constant).addcmul_(x, torch.bmm(responsibilities, linear), value=-1.0)
 
     if soft is not None:
         scores = (soft.mean_scores * solution.means.unsqueeze(2)).sum(dim=-1)
@@ -407,14 +422,52 @@ def stationarity_vjp(
     return gradient
 
 
-def zero_failed_sets(grad_x: Tensor, failed: Tensor, reason: str) -> Tensor:
+def hard_assignment_vjp(
+    x: Tensor,
+    responsibilities: Tensor,
+    means: Tensor,
+    variances: Tensor,
+    grad_means: Tensor,
+    grad_variances: Tensor,
+    lower_bound_scale: Tensor,
+    penalty: Penalty,
+) -> Tensor:
+    """Compute the gradient with respect to the points when no point has soft responsibilities, as (B, N, D).
+
+    Then :math:`H = A` to rounding error, :math:`w = A^{-1} v`, and the soft term of
+    :func:`stationarity_vjp` vanishes. Substituting :math:`A^{-1}` of
+    :func:`block_diagonal_inverse` into :func:`stationarity_vjp`, the variances cancel from
+    the mean block and the logits drop out:
+
+    .. math::
+
+        -\\frac{\\partial (\\nabla_\\theta \\mathcal{L}^\\top w)}{\\partial x_i}
+        = \\sum_k r_{ik} \\big(b_k + c_k \\odot (\\mu_k - x_i)\\big), \\qquad
+        b_k = \\frac{\\bar\\mu_k}{N_k + \\kappa_0}, \\quad
+        c_k = \\frac{\\gamma}{\\sigma^2_k} - \\frac{2\\, \\bar\\sigma^2_k}{N_k + n_0},
+
+    with :math:`\\bar\\mu_k, \\bar\\sigma^2_k` the gradients of the loss with respect to the
+    means and variances and :math:`\\gamma` ``lower_bound_scale``. The gradient with respect to
+    the weights has no effect here, since the weights depend on the points only through soft
+    responsibilities.
+    """
+    counts = responsibilities.sum(dim=1).unsqueeze(-1)
+    linear = torch.addcdiv(
+        lower_bound_scale.view(-1, 1, 1) / variances, grad_variances, counts + penalty.variance_count, value=-2.0
+    )
+    constant = torch.addcmul(grad_means / (counts + penalty.mean_count), linear, means)
+    return torch.bmm(responsibilities, constant).addcmul_(x, torch.bmm(responsibilities, linear), value=-1.0)
+
+
+def zero_failed_sets(grad_x: Tensor, failed: Tensor | None, reason: str) -> Tensor:
     """Replace the gradient of failed sets by zeros, with a warning and a log line naming them.
 
     A set fails when ``failed`` flags it or its gradient has a NaN or infinite entry, which
     makes its sum non-finite. The sum costs one read of ``grad_x`` and could overflow only for
     entries beyond about 1e32 in float32.
     """
-    failed = failed | ~torch.isfinite(grad_x.sum(dim=(1, 2)))
+    not_finite = ~torch.isfinite(grad_x.sum(dim=(1, 2)))
+    failed = not_finite if failed is None else failed | not_finite
     if not bool(failed.any()):
         return grad_x
 
@@ -460,9 +513,18 @@ def implicit_gradient(
     Tensor of shape (B, N, D), zero on padding. Sets with a singular Hessian or a
     non-finite result get zeros and a ``RuntimeWarning``.
     """
-    vector = parameter_cotangent(weights, variances, grad_weights, grad_means, grad_variances)
-    solution, soft, singular = solve_structured(x, member, responsibilities, weights, means, variances, vector, penalty)
     lower_bound_scale = grad_lower_bound / member.sum(dim=-1)
+    soft = gather_soft_points(x, responsibilities, means, variances)
+    if soft is None:
+        grad_x = hard_assignment_vjp(
+            x, responsibilities, means, variances, grad_means, grad_variances, lower_bound_scale, penalty
+        )
+        return zero_failed_sets(grad_x, None, "a component without points and mean_prior_count = 0, or overflow")
+
+    vector = parameter_cotangent(weights, variances, grad_weights, grad_means, grad_variances)
+    solution, soft, singular = solve_structured(
+        x, member, responsibilities, weights, means, variances, vector, penalty, soft
+    )
     grad_x = stationarity_vjp(x, responsibilities, means, variances, solution, soft, lower_bound_scale)
     return zero_failed_sets(grad_x, singular, "singular Hessian")
 

@@ -152,11 +152,49 @@ def log_prior(
     """
     if log_variances is None:
         log_variances = torch.log(variances)
-    total = -0.5 * penalty.variance_count * (log_variances + penalty.variance / variances).sum(dim=(-2, -1))
+    precisions = variances.reciprocal()
+    return log_prior_from_sums(
+        log_weights,
+        log_variances.sum(dim=-1),
+        precisions.sum(dim=-1),
+        (means.square() * precisions).sum(dim=-1),
+        penalty,
+    )
+
+
+def log_prior_from_sums(
+    log_weights: Tensor,
+    sum_log_variances: Tensor,
+    sum_precisions: Tensor,
+    sum_scaled_mean_squares: Tensor,
+    penalty: Penalty,
+) -> Tensor:
+    """Compute the prior terms of the objective from per-component sums over dimensions.
+
+    The E-step has these sums at hand, so it evaluates the prior without another pass
+    over the (B, K, D) parameters.
+
+    Parameters
+    ----------
+    log_weights : Tensor of shape (B, K)
+    sum_log_variances : Tensor of shape (B, K)
+        :math:`\\sum_d \\log \\sigma^2_{kd}`.
+    sum_precisions : Tensor of shape (B, K)
+        :math:`\\sum_d 1 / \\sigma^2_{kd}`.
+    sum_scaled_mean_squares : Tensor of shape (B, K)
+        :math:`\\sum_d \\mu_{kd}^2 / \\sigma^2_{kd}`.
+    penalty : Penalty
+
+    Returns
+    -------
+    Tensor of shape (B,)
+    """
+    per_component = penalty.variance_count * (sum_log_variances + penalty.variance * sum_precisions)
 
     # Zero counts skip their terms, because 0 * log(0) would turn a weight of 0 into NaN.
     if penalty.mean_count > 0:
-        total = total - 0.5 * penalty.mean_count * (means.square() / variances).sum(dim=(-2, -1))
+        per_component = per_component + penalty.mean_count * sum_scaled_mean_squares
+    total = -0.5 * per_component.sum(dim=-1)
     if penalty.weight_count > 0:
         total = total + penalty.weight_count * log_weights.sum(dim=-1)
     return total
