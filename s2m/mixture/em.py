@@ -11,7 +11,7 @@ unrolled backward.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -28,8 +28,8 @@ CHUNK_BYTES = 8 * 2**20
 
 
 @dataclass
-class ChunkedFit:
-    """Fitted parameters with the responsibilities and objective at them, from :func:`fit_in_chunks`.
+class EMResult:
+    """Parameters after EM, with the responsibilities and objective at them and the bookkeeping of the run.
 
     Attributes
     ----------
@@ -41,6 +41,7 @@ class ChunkedFit:
         Objective per member at the returned parameters.
     converged : Tensor of shape (B,), bool
     n_iter : Tensor of shape (B,), int64
+        E-steps per set, each followed by the convergence test.
     """
 
     weights: Tensor
@@ -48,25 +49,6 @@ class ChunkedFit:
     variances: Tensor
     responsibilities: Tensor
     lower_bound: Tensor
-    converged: Tensor
-    n_iter: Tensor
-
-
-@dataclass
-class EMResult:
-    """Parameters after EM and the per-set bookkeeping of the run.
-
-    Attributes
-    ----------
-    weights : Tensor of shape (B, K)
-    means, variances : Tensor of shape (B, K, D)
-    converged : Tensor of shape (B,), bool
-    n_iter : Tensor of shape (B,), int64
-    """
-
-    weights: Tensor
-    means: Tensor
-    variances: Tensor
     converged: Tensor
     n_iter: Tensor
 
@@ -401,13 +383,15 @@ def run_em(
     """Iterate EM from the given parameters until each set converges or ``max_iter`` is reached.
 
     One iteration is an E-step at the current parameters, the convergence test, then an
-    M-step, so the returned parameters always come from an M-step and are an exact
-    stationary point of the objective given the last responsibilities. A set has converged
-    when its objective per member grew by at most ``tol`` over the previous iteration.
-    The test is one-sided: EM never decreases the objective in exact arithmetic, so a
-    decrease only comes from rounding at convergence and also ends the iteration. A set's
-    parameters are taken out of the iteration at the M-step that follows its convergence
-    test, so its fit does not depend on the rest of the batch.
+    M-step. A set has converged when its objective per member grew by at most ``tol`` over
+    the previous iteration, and it returns the parameters of that E-step, with their
+    responsibilities and objective. The test is one-sided: EM never decreases the objective
+    in exact arithmetic, so a decrease only comes from rounding at convergence and also ends
+    the iteration. A set that reaches ``max_iter`` returns the parameters of its last
+    M-step, after one more E-step for their responsibilities and objective. Either way the
+    returned parameters are an M-step of the responsibilities of the iteration before (or
+    the initial parameters), so they are stationary up to the size of the last EM step. A
+    set's fit does not depend on the rest of the batch.
 
     Parameters
     ----------
@@ -439,39 +423,41 @@ def run_em(
     rows = [features, member, member.sum(dim=-1)]
     previous = torch.full_like(rows[2], -math.inf)
     parameters = (weights, means, variances)
-    finished_sets, finished_parameters = [], []
+    finished_sets, finished_parts = [], []
 
     for _ in range(max_iter):
         gathered_features, gathered_member, n_members = rows
         responsibilities, objective = e_step(gathered_features, gathered_member, *parameters, penalty)
-
-        per_member = objective.detach() / n_members
-        done = running & (per_member - previous <= tol)
-        previous = per_member
-
-        parameters = m_step(gathered_features, gathered_member, responsibilities, penalty)
         n_iter.index_add_(0, gathered, running.long())
-        if not bool(done.any()):
-            continue
 
-        finished_sets.append(gathered[done])
-        finished_parameters.append(tuple(tensor[done] for tensor in parameters))
-        converged[gathered[done]] = True
-        running = running & ~done
-        n_running = int(running.sum())
-        if n_running == 0:
-            break
-        if n_running <= gathered.numel() // 2:
-            gathered = gathered[running]
-            rows = [tensor[running] for tensor in rows]
-            previous = previous[running]
-            parameters = tuple(tensor[running] for tensor in parameters)
-            running = torch.ones(n_running, dtype=torch.bool, device=device)
+        lower_bound = objective / n_members
+        done = running & (lower_bound.detach() - previous <= tol)
+        previous = lower_bound.detach()
+        if bool(done.any()):
+            finished_sets.append(gathered[done])
+            finished_parts.append(tuple(tensor[done] for tensor in (*parameters, responsibilities, lower_bound)))
+            converged[gathered[done]] = True
+            running = running & ~done
+            n_running = int(running.sum())
+            if n_running == 0:
+                break
+            if n_running <= gathered.numel() // 2:
+                gathered = gathered[running]
+                rows = [tensor[running] for tensor in rows]
+                previous = previous[running]
+                parameters = tuple(tensor[running] for tensor in parameters)
+                responsibilities = responsibilities[running]
+                running = torch.ones(n_running, dtype=torch.bool, device=device)
+
+        parameters = m_step(rows[0], rows[1], responsibilities, penalty)
 
     if bool(running.any()):
+        gathered_features, gathered_member, n_members = (tensor[running] for tensor in rows)
+        parameters = tuple(tensor[running] for tensor in parameters)
+        responsibilities, objective = e_step(gathered_features, gathered_member, *parameters, penalty)
         finished_sets.append(gathered[running])
-        finished_parameters.append(tuple(tensor[running] for tensor in parameters))
-    return EMResult(*assemble_sets(finished_sets, finished_parameters), converged, n_iter)
+        finished_parts.append((*parameters, responsibilities, objective / n_members))
+    return EMResult(*assemble_sets(finished_sets, finished_parts), converged, n_iter)
 
 
 def assemble_sets(sets: list[Tensor], parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
@@ -505,7 +491,7 @@ def fit_in_chunks(
     penalty: Penalty,
     max_iter: int,
     tol: float,
-) -> ChunkedFit:
+) -> EMResult:
     """Initialise and run EM without autograd, a chunk of sets at a time (see :data:`CHUNK_BYTES`).
 
     Every set is fitted independently, so chunking does not change the result.
@@ -524,7 +510,7 @@ def fit_in_chunks(
 
     Returns
     -------
-    ChunkedFit
+    EMResult
     """
     bytes_per_set = x.shape[1] * 2 * x.shape[2] * x.element_size()
     chunk_size = max(1, CHUNK_BYTES // bytes_per_set)
@@ -539,14 +525,8 @@ def fit_in_chunks(
                 chunk_start = initial_parameters(points, chunk_member, n_components, seed, penalty, features)
             else:
                 chunk_start = tuple(tensor[rows] for tensor in start)
+            parts.append(run_em(features, chunk_member, *chunk_start, penalty, max_iter, tol))
 
-            result = run_em(features, chunk_member, *chunk_start, penalty, max_iter, tol)
-            responsibilities, objective = e_step(
-                features, chunk_member, result.weights, result.means, result.variances, penalty
-            )
-            lower_bound = objective / chunk_member.sum(dim=-1)
-            parts.append(
-                (result.weights, result.means, result.variances, responsibilities, lower_bound, result.converged, result.n_iter)
-            )
-
-    return ChunkedFit(*(torch.cat(tensors) for tensors in zip(*parts)))
+    if len(parts) == 1:
+        return parts[0]
+    return EMResult(*(torch.cat([getattr(part, field.name) for part in parts]) for field in fields(EMResult)))

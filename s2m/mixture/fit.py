@@ -129,8 +129,10 @@ def fit_diagonal_gmm(
     with the sum over the members of each set.
 
     EM starts from k-means++ seeds: every member goes to its nearest seed, and one M-step
-    gives the initial parameters. It stops for a set when the objective per member grows by
-    at most ``tol``, or after ``max_iter`` iterations, and always ends with an M-step. Sets
+    gives the initial parameters. A set stops at the first E-step where its objective per
+    member has grown by at most ``tol`` since the previous one, and returns the parameters
+    of that E-step (like scikit-learn's convergence test, which then returns one M-step
+    later), or after ``max_iter`` iterations with the parameters of the last M-step. Sets
     that reach ``max_iter`` are flagged in ``converged``, and a :class:`ConvergenceWarning`
     and a log line give their number. A set's fit depends only on its own members, ``seed``
     and the options, not on the other sets or on padding.
@@ -204,8 +206,8 @@ def fit_diagonal_gmm(
         if start is None:
             start = initial_parameters(x, member, n_components, seed, penalty, features)
         result = run_em(features, member, *start, penalty, max_iter, tol)
-        fit = attach_lower_bound(
-            features, member, result.weights, result.means, result.variances, penalty, result.converged, result.n_iter
+        fit = GaussianMixtureFit(
+            result.weights, result.means, result.variances, result.converged, result.n_iter, result.lower_bound
         )
 
     report_convergence(fit.converged, max_iter, tol)

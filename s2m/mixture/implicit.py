@@ -18,9 +18,10 @@ gives, for a loss with :math:`v = \\partial \\mathrm{loss} / \\partial \\theta`,
     = -\\frac{\\partial^2 \\mathcal{L}}{\\partial X\\, \\partial \\theta}\\, w,
     \\qquad H = \\nabla^2_\\theta \\mathcal{L}.
 
-This is exact only at an exact stationary point. EM ends with an M-step, which is exact
-given the last responsibilities, so the remaining error is proportional to the last EM
-step: run EM to a tight tolerance when gradients must be accurate.
+This is exact only at an exact stationary point. The parameters EM returns are the
+M-step of the responsibilities one iteration earlier, so the remaining error is
+proportional to the last EM step. Run EM to a tight tolerance when gradients must be
+accurate.
 
 With :math:`\\ell_{ik} = \\log \\pi_k + \\log \\mathcal{N}(x_i \\mid \\mu_k, \\sigma^2_k)`,
 :math:`r_{ik}` the responsibilities, :math:`g_{ik} = \\nabla_\\theta \\ell_{ik}` and
@@ -241,11 +242,11 @@ def gather_soft_points(x: Tensor, responsibilities: Tensor, means: Tensor, varia
     top = responsibilities.argmax(dim=-1, keepdim=True)
     other_mass = responsibilities.scatter(-1, top, 0.0).sum(dim=-1)
     soft = other_mass > torch.finfo(x.dtype).eps ** 2
+    if not bool(soft.any()):
+        return None
 
     n_soft = soft.sum(dim=-1)
     max_soft = int(n_soft.max())
-    if max_soft == 0:
-        return None
 
     index = torch.argsort((~soft).to(torch.int8), dim=1, stable=True)[:, :max_soft]
     valid = torch.arange(max_soft, device=x.device).unsqueeze(0) < n_soft.unsqueeze(1)
@@ -456,7 +457,14 @@ def hard_assignment_vjp(
         lower_bound_scale.view(-1, 1, 1) / variances, grad_variances, counts + penalty.variance_count, value=-2.0
     )
     constant = torch.addcmul(grad_means / (counts + penalty.mean_count), linear, means)
-    return torch.bmm(responsibilities, constant).addcmul_(x, torch.bmm(responsibilities, linear), value=-1.0)
+
+    # With K = 1 the sums over k are broadcasts, and matrix products with an inner size of 1
+    # are slower than one elementwise pass.
+    if responsibilities.shape[-1] == 1:
+        return torch.addcmul(constant, x, linear, value=-1.0).mul_(responsibilities)
+    combined = torch.bmm(responsibilities, torch.cat([constant, linear], dim=-1))
+    gradient, weighted_linear = combined.split(x.shape[-1], dim=-1)
+    return gradient.addcmul_(x, weighted_linear, value=-1.0)
 
 
 def zero_failed_sets(grad_x: Tensor, failed: Tensor | None, reason: str) -> Tensor:
@@ -466,6 +474,9 @@ def zero_failed_sets(grad_x: Tensor, failed: Tensor | None, reason: str) -> Tens
     makes its sum non-finite. The sum costs one read of ``grad_x`` and could overflow only for
     entries beyond about 1e32 in float32.
     """
+    if failed is None and bool(torch.isfinite(grad_x.sum())):
+        return grad_x
+
     not_finite = ~torch.isfinite(grad_x.sum(dim=(1, 2)))
     failed = not_finite if failed is None else failed | not_finite
     if not bool(failed.any()):
