@@ -20,10 +20,9 @@ from s2m.mixture.prior import Penalty, log_prior_from_sums
 
 LOG_2PI = math.log(2.0 * math.pi)
 
-#: Target size in bytes of the point features of one chunk of sets in
-#: :func:`fit_in_chunks`. Temporaries this small stay below glibc's largest mmap
-#: threshold (32 MiB), so their memory is reused instead of being mapped and page-faulted
-#: anew on every fit, and they fit in a typical L3 cache.
+#: Target size in bytes of the points and their squares for one chunk of sets in
+#: :func:`fit_in_chunks`. A chunk this small fits in a typical L3 cache, so the passes of
+#: EM over it read from cache rather than memory.
 CHUNK_BYTES = 8 * 2**20
 
 
@@ -53,20 +52,36 @@ class EMResult:
     n_iter: Tensor
 
 
-def point_features(x: Tensor) -> Tensor:
-    """Concatenate :math:`x^2` and :math:`x` along the last axis, shape (B, N, 2D).
+@dataclass
+class PointFeatures:
+    """The points of a batch of sets and their squares, which every E-step and M-step reads.
 
-    EM needs both in every E-step and M-step, and one matrix product over the
-    concatenation is faster than two over the halves. Without autograd the halves are
-    written in place, which saves a temporary of the size of ``x``.
+    Attributes
+    ----------
+    squares : Tensor of shape (B, N, D)
+        :math:`x^2`, elementwise.
+    points : Tensor of shape (B, N, D)
+        :math:`x`.
     """
-    features = x.new_empty(*x.shape[:-1], 2 * x.shape[-1])
-    dim = x.shape[-1]
-    if torch.is_grad_enabled() and x.requires_grad:
-        return torch.cat([x.square(), x], dim=-1)
-    torch.square(x, out=features[..., :dim])
-    features[..., dim:] = x
-    return features
+
+    squares: Tensor
+    points: Tensor
+
+    def __getitem__(self, index) -> PointFeatures:
+        """Select sets, as indexing the batch axis of both tensors would."""
+        return PointFeatures(self.squares[index], self.points[index])
+
+
+def point_features(x: Tensor, out: Tensor | None = None) -> PointFeatures:
+    """Compute the squares of the points of a batch (B, N, D) of sets.
+
+    Without autograd and with ``out``, a contiguous tensor with at least B rows of shape
+    (N, D), the squares are written into its first B rows. Reusing one buffer for every
+    chunk of a fit avoids allocating and first touching new memory for each.
+    """
+    if out is None or (torch.is_grad_enabled() and x.requires_grad):
+        return PointFeatures(x.square(), x)
+    return PointFeatures(torch.square(x, out=out[: x.shape[0]]), x)
 
 
 @dataclass
@@ -78,25 +93,28 @@ class ExpandedComponents:
     .. math::
 
         \\log \\mathcal{N}(x \\mid \\mu_k, \\operatorname{diag} \\sigma^2_k)
-        = -\\tfrac{1}{2} \\sum_d \\big(p_{kd} x_d^2 - 2 p_{kd} \\mu_{kd} x_d\\big) + c_k,
+        = -\\tfrac{1}{2} \\sum_d p_{kd} x_d^2 + \\sum_d p_{kd} \\mu_{kd} x_d + c_k,
         \\qquad
         c_k = -\\tfrac{1}{2} \\Big(D \\log 2\\pi + \\sum_d \\log \\sigma^2_{kd} + \\sum_d p_{kd} \\mu_{kd}^2\\Big),
 
-    so that the densities of all points cost one batched matrix product with
+    so that the densities of all points cost two batched matrix products with the
     :func:`point_features`. The expansion loses precision when :math:`|x|` greatly exceeds
     :math:`|x - \\mu|` in units of :math:`\\sigma`, which the variance prior bounds.
 
     Attributes
     ----------
-    coefficients : Tensor of shape (B, K, 2D)
-        :math:`[p_k, -2 p_k \\mu_k]`, to multiply the features :math:`[x^2, x]`.
+    precisions : Tensor of shape (B, K, D)
+        :math:`p_k`, to multiply :math:`x^2`.
+    scaled_means : Tensor of shape (B, K, D)
+        :math:`p_k \\mu_k`, to multiply :math:`x`.
     offsets : Tensor of shape (B, K)
         :math:`c_k`.
     sum_log_variances, sum_precisions, sum_scaled_mean_squares : Tensor of shape (B, K)
         :math:`\\sum_d \\log \\sigma^2_{kd}`, :math:`\\sum_d p_{kd}` and :math:`\\sum_d p_{kd} \\mu_{kd}^2`.
     """
 
-    coefficients: Tensor
+    precisions: Tensor
+    scaled_means: Tensor
     offsets: Tensor
     sum_log_variances: Tensor
     sum_precisions: Tensor
@@ -107,30 +125,31 @@ class ExpandedComponents:
         """Build the coefficients from means and variances of shape (B, K, D)."""
         precisions = variances.reciprocal()
         scaled_means = means * precisions
-        coefficients = torch.cat([precisions, -2.0 * scaled_means], dim=-1)
 
         sum_log_variances = torch.log(variances).sum(dim=-1)
         sum_scaled_mean_squares = (means * scaled_means).sum(dim=-1)
         offsets = -0.5 * (means.shape[-1] * LOG_2PI + sum_log_variances + sum_scaled_mean_squares)
-        return cls(coefficients, offsets, sum_log_variances, precisions.sum(dim=-1), sum_scaled_mean_squares)
+        return cls(
+            precisions, scaled_means, offsets, sum_log_variances, precisions.sum(dim=-1), sum_scaled_mean_squares
+        )
 
-    def log_joint(self, features: Tensor, log_weights: Tensor) -> Tensor:
+    def log_joint(self, features: PointFeatures, log_weights: Tensor) -> Tensor:
         """Compute :math:`\\log \\pi_k + \\log \\mathcal{N}(x_i \\mid \\mu_k, \\operatorname{diag} \\sigma^2_k)`, shape (B, N, K).
 
-        ``features`` (B, N, 2D) are :func:`point_features` of the points and
-        ``log_weights`` (B, K) the log mixing weights, or zeros for the densities alone.
+        ``log_weights`` (B, K) are the log mixing weights, or zeros for the densities alone.
         """
         shift = (self.offsets + log_weights).unsqueeze(1)
-        return torch.baddbmm(shift, features, self.coefficients.transpose(1, 2), alpha=-0.5)
+        joint = torch.baddbmm(shift, features.squares, self.precisions.transpose(1, 2), alpha=-0.5)
+        return torch.baddbmm(joint, features.points, self.scaled_means.transpose(1, 2))
 
 
-def log_component_densities(features: Tensor, means: Tensor, variances: Tensor) -> Tensor:
+def log_component_densities(features: PointFeatures, means: Tensor, variances: Tensor) -> Tensor:
     """Compute :math:`\\log \\mathcal{N}(x_i \\mid \\mu_k, \\operatorname{diag} \\sigma^2_k)` for all points and components.
 
     Parameters
     ----------
-    features : Tensor of shape (B, N, 2D)
-        :func:`point_features` of the points.
+    features : PointFeatures
+        Of the points, each of shape (B, N, D).
     means, variances : Tensor of shape (B, K, D)
 
     Returns
@@ -174,7 +193,7 @@ def normalize_log_joint(joint: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def e_step(
-    features: Tensor,
+    features: PointFeatures,
     member: Tensor,
     weights: Tensor,
     means: Tensor,
@@ -185,8 +204,8 @@ def e_step(
 
     Parameters
     ----------
-    features : Tensor of shape (B, N, 2D)
-        :func:`point_features` of the points.
+    features : PointFeatures
+        Of the points, each of shape (B, N, D).
     member : Tensor of shape (B, N), 1.0 for members and 0.0 for padding
     weights : Tensor of shape (B, K)
     means, variances : Tensor of shape (B, K, D)
@@ -217,7 +236,7 @@ def e_step(
 
 
 def m_step(
-    features: Tensor,
+    features: PointFeatures,
     member: Tensor,
     responsibilities: Tensor,
     penalty: Penalty,
@@ -226,8 +245,8 @@ def m_step(
 
     Parameters
     ----------
-    features : Tensor of shape (B, N, 2D)
-        :func:`point_features` of the points.
+    features : PointFeatures
+        Of the points, each of shape (B, N, D).
     member : Tensor of shape (B, N)
     responsibilities : Tensor of shape (B, N, K), zero on padded rows
     penalty : Penalty
@@ -242,12 +261,13 @@ def m_step(
     counts = responsibilities.sum(dim=1)
     weights = (counts + penalty.weight_count) / (n_points + n_components * penalty.weight_count)
 
-    moments = torch.bmm(responsibilities.transpose(1, 2), features)
-    second_moment, first_moment = moments.split(features.shape[-1] // 2, dim=-1)
+    transposed = responsibilities.transpose(1, 2)
+    second_moment = torch.bmm(transposed, features.squares)
+    first_moment = torch.bmm(transposed, features.points)
 
     # With mean_count = 0 a component without points has first_moment = 0 and gets the mean
     # 0 / tiny = 0, where plain division would give 0 / 0 = NaN.
-    mean_denominator = (counts + penalty.mean_count).clamp_min(torch.finfo(features.dtype).tiny).unsqueeze(-1)
+    mean_denominator = (counts + penalty.mean_count).clamp_min(torch.finfo(first_moment.dtype).tiny).unsqueeze(-1)
     means = first_moment / mean_denominator
 
     # second_moment - first_moment * mu = sum_i r_ik (x_i - mu)^2 + kappa_0 mu^2. Rounding
@@ -344,7 +364,7 @@ def initial_parameters(
     n_components: int,
     seed: int,
     penalty: Penalty,
-    features: Tensor | None = None,
+    features: PointFeatures | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Compute initial parameters by one M-step from the hard assignment to k-means++ seeds.
 
@@ -371,7 +391,7 @@ def initial_parameters(
 
 
 def run_em(
-    features: Tensor,
+    features: PointFeatures,
     member: Tensor,
     weights: Tensor,
     means: Tensor,
@@ -395,8 +415,8 @@ def run_em(
 
     Parameters
     ----------
-    features : Tensor of shape (B, N, 2D)
-        :func:`point_features` of the points.
+    features : PointFeatures
+        Of the points, each of shape (B, N, D).
     member : Tensor of shape (B, N)
     weights : Tensor of shape (B, K)
     means, variances : Tensor of shape (B, K, D)
@@ -409,8 +429,7 @@ def run_em(
     -------
     EMResult
     """
-    batch_size = features.shape[0]
-    device = features.device
+    batch_size, device = member.shape[0], member.device
     converged = torch.zeros(batch_size, dtype=torch.bool, device=device)
     n_iter = torch.zeros(batch_size, dtype=torch.int64, device=device)
 
@@ -517,10 +536,11 @@ def fit_in_chunks(
     parts = []
 
     with torch.no_grad():
+        buffer = x.new_empty(min(chunk_size, x.shape[0]), *x.shape[1:])
         for begin in range(0, x.shape[0], chunk_size):
             rows = slice(begin, begin + chunk_size)
             points, chunk_member = x[rows], member[rows]
-            features = point_features(points)
+            features = point_features(points, buffer)
             if start is None:
                 chunk_start = initial_parameters(points, chunk_member, n_components, seed, penalty, features)
             else:

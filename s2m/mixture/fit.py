@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from s2m.mixture.checks import list_sets, validate_points
-from s2m.mixture.em import e_step, initial_parameters, point_features, run_em
+from s2m.mixture.em import PointFeatures, e_step, initial_parameters, point_features, run_em
 from s2m.mixture.implicit import ImplicitEMFit
 from s2m.mixture.model import GaussianMixtureFit
 from s2m.mixture.prior import Penalty, VariancePrior, resolve_penalty
@@ -29,7 +29,7 @@ class ConvergenceWarning(UserWarning):
 
 
 def attach_lower_bound(
-    features: Tensor,
+    features: PointFeatures,
     member: Tensor,
     weights: Tensor,
     means: Tensor,

@@ -54,6 +54,7 @@ product per set plus :math:`O(K S^2 D + (SK)^3)` for the soft points, against
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -474,7 +475,7 @@ def zero_failed_sets(grad_x: Tensor, failed: Tensor | None, reason: str) -> Tens
     makes its sum non-finite. The sum costs one read of ``grad_x`` and could overflow only for
     entries beyond about 1e32 in float32.
     """
-    if failed is None and bool(torch.isfinite(grad_x.sum())):
+    if failed is None and math.isfinite(grad_x.sum().item()):
         return grad_x
 
     not_finite = ~torch.isfinite(grad_x.sum(dim=(1, 2)))
