@@ -13,6 +13,8 @@ from s2m.mixture import (
     implicit_gradient_dense,
     mixture_log_prob,
 )
+from s2m.mixture import em
+from s2m.mixture.em import expansion_error
 from s2m.mixture.synthetic import clustered_sets
 
 PRIOR = VariancePrior(variance=0.01, pseudo_count=1.0)
@@ -155,6 +157,63 @@ def test_collapse_without_priors_zeroes_gradient():
     assert torch.equal(gradient[1], torch.zeros(9, 3, dtype=torch.float64))
     assert bool(torch.isfinite(gradient[0]).all())
     assert bool((gradient[0] != 0).any())
+
+
+NEAR_FLAT = dict(variance_prior=VariancePrior(variance=1.0, pseudo_count=1e-10), mean_prior_count=0.0, weight_prior_count=0.0)
+
+
+def outlier_sets(dtype):
+    """Return two normalised sets of 12 points in 64 dimensions whose last point is far from the others."""
+    x = clustered_sets(2, 12, 64, 1, noise=0.3, seed=40)
+    x[:, -1] = torch.nn.functional.normalize(torch.randn(2, 64, generator=torch.Generator().manual_seed(41), dtype=torch.float64), dim=-1)
+    return x.to(dtype)
+
+
+def outlier_start(x):
+    """Return initial parameters with component 0 on the first 11 points and component 1 on the outlier."""
+    weights = torch.tensor([[11 / 12, 1 / 12]] * 2, dtype=x.dtype)
+    means = torch.stack([x[:, :-1].mean(dim=1), x[:, -1]], dim=1)
+    variances = torch.stack([x[:, :-1].var(dim=1), torch.full_like(x[:, -1], 1e-3)], dim=1)
+    return weights, means, variances
+
+
+def test_single_point_component_float32_matches_float64():
+    # With a nearly flat prior the outlier's component collapses to a variance of 1e-10. The
+    # expanded quadratic form would then lose about 1e3 nats in float32.
+    fits, log_likelihoods = {}, {}
+    for dtype in (torch.float32, torch.float64):
+        x = outlier_sets(dtype)
+        fits[dtype] = fit_diagonal_gmm(x, 2, init=outlier_start(x), **NEAR_FLAT)
+        log_likelihoods[dtype] = mixture_log_prob(fits[dtype], x)
+    fit32, fit64 = fits[torch.float32], fits[torch.float64]
+
+    scaled_mean_squares = (fit32.means.square() / fit32.variances).sum(dim=-1)
+    assert bool((expansion_error(scaled_mean_squares)[:, 1] > 100.0).all())
+    torch.testing.assert_close(fit64.variances[:, 1], torch.full((2, 64), 1e-10, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(fit32.variances[:, 1].double(), fit64.variances[:, 1], rtol=1e-3, atol=0)
+    torch.testing.assert_close(fit32.lower_bound.double(), fit64.lower_bound, rtol=1e-5, atol=0)
+    torch.testing.assert_close(log_likelihoods[torch.float32].double(), log_likelihoods[torch.float64], rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "unrolled"])
+def test_explicit_differences_match_expansion(monkeypatch, backward):
+    # A negative limit sends every component through the explicit-difference code of the
+    # E-step and the M-step. In float64 the expansion is accurate, so both must agree.
+    x = clustered_sets(3, 14, 5, 2, noise=0.8, normalize=False, seed=42)
+    queries = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(43), dtype=torch.float64)
+    results = []
+    for limit in (em.EXPANSION_ERROR_LIMIT, -1.0):
+        monkeypatch.setattr(em, "EXPANSION_ERROR_LIMIT", limit)
+        points = x.clone().requires_grad_(True)
+        fit = fit_diagonal_gmm(points, 2, backward=backward, tol=1e-12, max_iter=500)
+        loss = layer_loss(fit, queries) + fit.lower_bound.sum()
+        results.append((fit, torch.autograd.grad(loss, points)[0]))
+
+    (expanded, expanded_gradient), (explicit, explicit_gradient) = results
+    assert torch.equal(expanded.n_iter, explicit.n_iter)
+    for name in ("weights", "means", "variances", "lower_bound"):
+        torch.testing.assert_close(getattr(explicit, name), getattr(expanded, name), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(explicit_gradient, expanded_gradient, rtol=1e-8, atol=1e-10)
 
 
 def test_float32_descriptors_stay_finite():

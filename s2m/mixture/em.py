@@ -20,6 +20,22 @@ from s2m.mixture.prior import Penalty, log_prior_from_sums
 
 LOG_2PI = math.log(2.0 * math.pi)
 
+#: Largest rounding error, in nats, accepted in a log-density computed from the expanded
+#: quadratic form. The error is about the machine epsilon times
+#: :math:`\\sum_d \\mu_{kd}^2 / \\sigma^2_{kd}`, which grows without bound as a component
+#: collapses onto a single point. Components above the limit get their log-densities and
+#: variances recomputed from explicit differences to the mean.
+EXPANSION_ERROR_LIMIT = 1e-3
+
+#: Safety factor on that error estimate, for deciding which entries of a component above
+#: the limit could matter. The error of a sum of D products also grows with the terms of
+#: the points, not only with those of the mean, so the factor is generous.
+EXPANSION_ERROR_FACTOR = 16.0
+
+#: Log-ratio below the most likely component at which a component's share of a point is
+#: negligible in float64 too: exp(-50) is about 2e-22.
+NEGLIGIBLE_LOG_RATIO = 50.0
+
 #: Target size in bytes of the points and their squares for one chunk of sets in
 #: :func:`fit_in_chunks`. A chunk this small fits in a typical L3 cache, so the passes of
 #: EM over it read from cache rather than memory.
@@ -101,8 +117,13 @@ class ExpandedComponents:
     :func:`point_features`. The expansion loses precision when :math:`|x|` greatly exceeds
     :math:`|x - \\mu|` in units of :math:`\\sigma`, which the variance prior bounds.
 
+    Components whose expansion would lose more than :data:`EXPANSION_ERROR_LIMIT` get
+    their log-densities from explicit differences :math:`x - \\mu_k` instead.
+
     Attributes
     ----------
+    means : Tensor of shape (B, K, D)
+        :math:`\\mu_k`.
     precisions : Tensor of shape (B, K, D)
         :math:`p_k`, to multiply :math:`x^2`.
     scaled_means : Tensor of shape (B, K, D)
@@ -113,6 +134,7 @@ class ExpandedComponents:
         :math:`\\sum_d \\log \\sigma^2_{kd}`, :math:`\\sum_d p_{kd}` and :math:`\\sum_d p_{kd} \\mu_{kd}^2`.
     """
 
+    means: Tensor
     precisions: Tensor
     scaled_means: Tensor
     offsets: Tensor
@@ -130,7 +152,7 @@ class ExpandedComponents:
         sum_scaled_mean_squares = (means * scaled_means).sum(dim=-1)
         offsets = -0.5 * (means.shape[-1] * LOG_2PI + sum_log_variances + sum_scaled_mean_squares)
         return cls(
-            precisions, scaled_means, offsets, sum_log_variances, precisions.sum(dim=-1), sum_scaled_mean_squares
+            means, precisions, scaled_means, offsets, sum_log_variances, precisions.sum(dim=-1), sum_scaled_mean_squares
         )
 
     def log_joint(self, features: PointFeatures, log_weights: Tensor) -> Tensor:
@@ -140,7 +162,56 @@ class ExpandedComponents:
         """
         shift = (self.offsets + log_weights).unsqueeze(1)
         joint = torch.baddbmm(shift, features.squares, self.precisions.transpose(1, 2), alpha=-0.5)
-        return torch.baddbmm(joint, features.points, self.scaled_means.transpose(1, 2))
+        joint = torch.baddbmm(joint, features.points, self.scaled_means.transpose(1, 2))
+
+        inaccurate = expansion_error(self.sum_scaled_mean_squares) > EXPANSION_ERROR_LIMIT
+        if bool(inaccurate.any()):
+            joint = self.replace_with_explicit(joint, features.points, log_weights, inaccurate)
+        return joint
+
+    def replace_with_explicit(self, joint: Tensor, points: Tensor, log_weights: Tensor, selected: Tensor) -> Tensor:
+        """Recompute entries of ``joint`` (B, N, K) for the ``selected`` (B, K) components from explicit differences.
+
+        Only entries that can matter are recomputed: those that, allowing for the rounding
+        error of the expansion, could come within :data:`NEGLIGIBLE_LOG_RATIO` of the
+        largest entry of their point. A component that collapsed onto one point thus costs
+        one difference, for that point, instead of one per point.
+        """
+        error = (EXPANSION_ERROR_FACTOR * expansion_error(self.sum_scaled_mean_squares)).unsqueeze(1)
+        error = torch.where(selected.unsqueeze(1), error, 0.0)
+        floor = (joint - error).amax(dim=-1, keepdim=True) - NEGLIGIBLE_LOG_RATIO
+        needed = selected.unsqueeze(1) & (joint + error >= floor)
+        sets, rows, components = torch.nonzero(needed, as_tuple=True)
+
+        n_points = points.shape[1]
+        point_rows = points.flatten(0, 1).index_select(0, sets * n_points + rows)
+        means, precisions = select_components((self.means, self.precisions), sets, components)
+        quadratic = ((point_rows - means).square() * precisions).sum(dim=-1)
+
+        normalizer = self.means.shape[-1] * LOG_2PI + self.sum_log_variances[sets, components]
+        values = log_weights[sets, components] - 0.5 * (normalizer + quadratic)
+        return joint.index_put((sets, rows, components), values)
+
+
+def select_components(tensors: tuple[Tensor, ...], sets: Tensor, components: Tensor) -> tuple[Tensor, ...]:
+    """Gather the rows ``[sets, components]`` of tensors shaped (B, K, ...), as (F, ...) each."""
+    flat = sets * tensors[0].shape[1] + components
+    return tuple(tensor.flatten(0, 1).index_select(0, flat) for tensor in tensors)
+
+
+def expansion_error(sum_scaled_mean_squares: Tensor) -> Tensor:
+    """Estimate the rounding error, in nats, of log-densities from the expanded quadratic form.
+
+    Parameters
+    ----------
+    sum_scaled_mean_squares : Tensor of shape (B, K)
+        :math:`\\sum_d \\mu_{kd}^2 / \\sigma^2_{kd}`.
+
+    Returns
+    -------
+    Tensor of shape (B, K)
+    """
+    return sum_scaled_mean_squares * torch.finfo(sum_scaled_mean_squares.dtype).eps
 
 
 def log_component_densities(features: PointFeatures, means: Tensor, variances: Tensor) -> Tensor:
@@ -275,7 +346,48 @@ def m_step(
     prior_scatter = penalty.variance_count * penalty.variance
     scatter = torch.addcmul(second_moment, first_moment, means, value=-1.0) + prior_scatter
     variances = scatter.clamp_min(prior_scatter) / (counts + penalty.variance_count).unsqueeze(-1)
+
+    # The subtraction above loses about eps * mu^2 / sigma^2 of each variance, the same
+    # relative error that the next E-step's expansion has.
+    inaccurate = expansion_error((means.square() / variances).sum(dim=-1)) > EXPANSION_ERROR_LIMIT
+    if bool(inaccurate.any()):
+        variances = explicit_variances(features.points, responsibilities, counts, means, variances, inaccurate, penalty)
     return weights, means, variances
+
+
+def explicit_variances(
+    points: Tensor,
+    responsibilities: Tensor,
+    counts: Tensor,
+    means: Tensor,
+    variances: Tensor,
+    selected: Tensor,
+    penalty: Penalty,
+) -> Tensor:
+    """Recompute the M-step variances of the ``selected`` (B, K) components from explicit differences to the mean.
+
+    Only points with a nonzero responsibility for a selected component enter its scatter,
+    so a component that collapsed onto one point costs one difference.
+
+    Returns ``variances`` (B, K, D) with those rows replaced.
+    """
+    batch_size, n_points, n_components = responsibilities.shape
+    needed = (responsibilities > 0) & selected.unsqueeze(1)
+    sets, rows, components = torch.nonzero(needed, as_tuple=True)
+    pair_components = sets * n_components + components
+
+    point_rows = points.flatten(0, 1).index_select(0, sets * n_points + rows)
+    pair_means = means.flatten(0, 1).index_select(0, pair_components)
+    weighted = responsibilities[sets, rows, components].unsqueeze(-1) * (point_rows - pair_means).square()
+    scatter = torch.zeros_like(means.flatten(0, 1)).index_add(0, pair_components, weighted)
+
+    selected_sets, selected_components = torch.nonzero(selected, as_tuple=True)
+    flat = selected_sets * n_components + selected_components
+    selected_means = means.flatten(0, 1).index_select(0, flat)
+    selected_scatter = scatter.index_select(0, flat) + penalty.mean_count * selected_means.square()
+    denominator = (counts.flatten().index_select(0, flat) + penalty.variance_count).unsqueeze(-1)
+    values = (selected_scatter + penalty.variance_count * penalty.variance) / denominator
+    return variances.index_put((selected_sets, selected_components), values)
 
 
 def sample_by_weight(weights: Tensor, uniform: Tensor) -> Tensor:
