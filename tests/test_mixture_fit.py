@@ -16,7 +16,7 @@ from s2m.mixture import (
     fit_diagonal_gmm,
     mixture_log_prob,
 )
-from s2m.mixture.em import initial_parameters
+from s2m.mixture.em import e_step, initial_parameters, point_features
 from s2m.mixture.prior import resolve_penalty
 from s2m.mixture.synthetic import clustered_sets
 
@@ -157,6 +157,40 @@ def test_fit_float32_matches_float64():
     torch.testing.assert_close(fit32.means.double(), fit64.means, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fit32.variances.double(), fit64.variances, rtol=1e-4, atol=0)
     torch.testing.assert_close(fit32.lower_bound.double(), fit64.lower_bound, rtol=1e-5, atol=0)
+
+
+def test_float32_fit_leaves_slow_plateau():
+    # From this start EM sits near a saddle, where the objective grows by about 1e-4 per
+    # member and iteration before it speeds up. A float32 sum of the 50 log-likelihoods
+    # (about 460 nats each) cannot resolve that growth, and EM stopped there.
+    x = clustered_sets(256, 50, 256, 3, noise=0.5, seed=0)[250:251]
+    member = torch.ones(1, 50, dtype=torch.float64)
+    start = initial_parameters(x, member, 2, 0, resolve_penalty(256, **FLAT_PRIOR))
+
+    fits = {}
+    for dtype in (torch.float32, torch.float64):
+        init = tuple(tensor.to(dtype) for tensor in start)
+        fits[dtype] = fit_diagonal_gmm(x.to(dtype), 2, init=init, **FLAT_PRIOR)
+
+    assert fits[torch.float64].n_iter.item() > 5
+    torch.testing.assert_close(fits[torch.float32].weights.double(), fits[torch.float64].weights, rtol=1e-4, atol=0)
+    torch.testing.assert_close(fits[torch.float32].lower_bound.double(), fits[torch.float64].lower_bound, rtol=1e-6, atol=0)
+
+
+def test_em_objective_is_summed_in_float64():
+    x = clustered_sets(2, 10, 8, 2, seed=10, dtype=torch.float32)
+    member = torch.ones(2, 10)
+    penalty = resolve_penalty(8, VariancePrior(), 0.01, 0.1)
+    features = point_features(x)
+    parameters = initial_parameters(x, member, 2, 0, penalty, features)
+
+    _, objective = e_step(features, member, *parameters, penalty)
+    _, reference = e_step(point_features(x.double()), member.double(), *(tensor.double() for tensor in parameters), penalty)
+    fit = fit_diagonal_gmm(x, 2)
+
+    assert objective.dtype == torch.float64
+    assert fit.lower_bound.dtype == torch.float32
+    torch.testing.assert_close(objective, reference, rtol=1e-6, atol=0)
 
 
 def test_mixture_log_prob_matches_torch_distributions():

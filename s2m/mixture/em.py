@@ -286,9 +286,11 @@ def e_step(
     -------
     responsibilities : Tensor of shape (B, N, K)
         Zero on padded rows.
-    objective : Tensor of shape (B,)
+    objective : Tensor of shape (B,), float64
         The penalised log-likelihood :math:`\\mathcal{L}` summed over members (see
-        :mod:`s2m.mixture.prior`).
+        :mod:`s2m.mixture.prior`). The sum is taken in float64 whatever the dtype of the
+        points: in float32, N log-likelihoods of a few hundred nats each sum with an error
+        of about 1e-3, far above the growth per member that the convergence test resolves.
     """
     log_weights = torch.log(weights)
     components = ExpandedComponents.from_parameters(means, variances)
@@ -302,7 +304,7 @@ def e_step(
         components.sum_scaled_mean_squares,
         penalty,
     )
-    objective = (log_norm * member).sum(dim=-1) + prior
+    objective = (log_norm.double() * member).sum(dim=-1) + prior
     return responsibilities, objective
 
 
@@ -552,7 +554,7 @@ def run_em(
     gathered = torch.arange(batch_size, device=device)
     running = torch.ones(batch_size, dtype=torch.bool, device=device)
     rows = [features, member, member.sum(dim=-1)]
-    previous = torch.full_like(rows[2], -math.inf)
+    previous = torch.full_like(rows[2], -math.inf, dtype=torch.float64)
     parameters = (weights, means, variances)
     finished_sets, finished_parts = [], []
 
@@ -561,9 +563,10 @@ def run_em(
         responsibilities, objective = e_step(gathered_features, gathered_member, *parameters, penalty)
         n_iter.index_add_(0, gathered, running.long())
 
-        lower_bound = objective / n_members
-        done = running & (lower_bound.detach() - previous <= tol)
-        previous = lower_bound.detach()
+        per_member = objective.detach() / n_members
+        lower_bound = (objective / n_members).to(member.dtype)
+        done = running & (per_member - previous <= tol)
+        previous = per_member
         if bool(done.any()):
             finished_sets.append(gathered[done])
             finished_parts.append(tuple(tensor[done] for tensor in (*parameters, responsibilities, lower_bound)))
@@ -587,7 +590,7 @@ def run_em(
         parameters = tuple(tensor[running] for tensor in parameters)
         responsibilities, objective = e_step(gathered_features, gathered_member, *parameters, penalty)
         finished_sets.append(gathered[running])
-        finished_parts.append((*parameters, responsibilities, objective / n_members))
+        finished_parts.append((*parameters, responsibilities, (objective / n_members).to(member.dtype)))
     return EMResult(*assemble_sets(finished_sets, finished_parts), converged, n_iter)
 
 

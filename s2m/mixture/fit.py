@@ -40,7 +40,7 @@ def attach_lower_bound(
 ) -> GaussianMixtureFit:
     """Evaluate the objective per member at the parameters, with autograd, and build the fit."""
     _, objective = e_step(features, member, weights, means, variances, penalty)
-    lower_bound = objective / member.sum(dim=-1)
+    lower_bound = (objective / member.sum(dim=-1)).to(member.dtype)
     return GaussianMixtureFit(weights, means, variances, converged, n_iter, lower_bound)
 
 
