@@ -215,6 +215,28 @@ def test_hard_assignment_gradient_matches_dense_and_unrolled(n_components):
     torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("noise", [0.8, 0.05])
+@pytest.mark.parametrize("output", ["weights", "means", "variances", "lower_bound"])
+def test_single_output_gradient_matches_unrolled(output, noise):
+    # A loss on one output leaves the gradients of the others as None in the backward pass.
+    # Noise 0.8 gives soft points (Woodbury path) and 0.05 none (hard-assignment path).
+    x = clustered_sets(2, 12, 4, 2, noise=noise, normalize=False, seed=34).requires_grad_(True)
+    member = torch.ones(2, 12, dtype=torch.float64)
+    penalty = resolve_penalty(4, VariancePrior(), 0.01, 0.1)
+    start = initial_parameters(x, member, 2, 0, penalty)
+
+    implicit = stationary_fit(x, 2)
+    unrolled = run_em(point_features(x), member, *start, penalty, LONG_RUN, -math.inf)
+    assert (count_soft_points(x.detach(), implicit) > 0) == (noise > 0.5)
+
+    gradients = []
+    for value in (getattr(implicit, output), getattr(unrolled, output)):
+        cotangent = torch.randn(value.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+        gradients.append(torch.autograd.grad((value * cotangent).sum(), x)[0])
+
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-8, atol=1e-10)
+
+
 def test_hard_assignment_path_matches_woodbury_path():
     x = clustered_sets(2, 10, 5, 2, noise=0.05, normalize=False, seed=33)
     member = torch.ones(2, 10, dtype=torch.float64)

@@ -388,7 +388,7 @@ def stationarity_vjp(
     variances: Tensor,
     solution: ParameterVector,
     soft: SoftPoints | None,
-    lower_bound_scale: Tensor,
+    lower_bound_scale: Tensor | None,
 ) -> Tensor:
     """Compute :math:`-\\nabla_X (\\nabla_\\theta \\mathcal{L}^\\top w)` plus the direct gradient of the lower bound, as (B, N, D).
 
@@ -406,11 +406,14 @@ def stationarity_vjp(
     evaluated on the soft points only. The lower bound :math:`\\mathcal{L}(\\theta^*, X) / N`
     is a maximum over :math:`\\theta`, so its gradient is the partial derivative
     :math:`-\\frac{1}{N} \\sum_k r_{ik} (x_i - \\mu_k) / \\sigma^2_k` (envelope theorem),
-    added with the weight ``lower_bound_scale`` of shape (B,).
+    added with the weight ``lower_bound_scale`` of shape (B,), or left out when it is None.
     """
     # With c_k = (w^s_k + scale) / sigma^2_k, the sum over k is
     # sum_k r_ik (c_k mu_k - w^mu_k / sigma^2_k) - x_i sum_k r_ik c_k.
-    linear = (solution.log_variances + lower_bound_scale.view(-1, 1, 1)) / variances
+    logvar_weight = solution.log_variances
+    if lower_bound_scale is not None:
+        logvar_weight = logvar_weight + lower_bound_scale.view(-1, 1, 1)
+    linear = logvar_weight / variances
     constant = torch.addcmul(-solution.means / variances, linear, means)
     gradient = torch.bmm(responsibilities, constant).addcmul_(x, torch.bmm(responsibilities, linear), value=-1.0)
 
@@ -431,7 +434,7 @@ def hard_assignment_vjp(
     variances: Tensor,
     grad_means: Tensor,
     grad_variances: Tensor,
-    lower_bound_scale: Tensor,
+    lower_bound_scale: Tensor | None,
     penalty: Penalty,
 ) -> Tensor:
     """Compute the gradient with respect to the points when no point has soft responsibilities, as (B, N, D).
@@ -449,14 +452,14 @@ def hard_assignment_vjp(
         c_k = \\frac{\\gamma}{\\sigma^2_k} - \\frac{2\\, \\bar\\sigma^2_k}{N_k + n_0},
 
     with :math:`\\bar\\mu_k, \\bar\\sigma^2_k` the gradients of the loss with respect to the
-    means and variances and :math:`\\gamma` ``lower_bound_scale``. The gradient with respect to
+    means and variances and :math:`\\gamma` ``lower_bound_scale`` (0 when None). The gradient with respect to
     the weights has no effect here, since the weights depend on the points only through soft
     responsibilities.
     """
     counts = responsibilities.sum(dim=1).unsqueeze(-1)
-    linear = torch.addcdiv(
-        lower_bound_scale.view(-1, 1, 1) / variances, grad_variances, counts + penalty.variance_count, value=-2.0
-    )
+    linear = torch.div(grad_variances, counts + penalty.variance_count).mul_(-2.0)
+    if lower_bound_scale is not None:
+        linear = torch.addcdiv(linear, lower_bound_scale.view(-1, 1, 1), variances)
     constant = torch.addcmul(grad_means / (counts + penalty.mean_count), linear, means)
 
     # With K = 1 the sums over k are broadcasts, and matrix products with an inner size of 1
@@ -515,9 +518,13 @@ def implicit_gradient(
     member : Tensor of shape (B, N)
     responsibilities : Tensor of shape (B, N, K)
         At the fitted parameters, zero on padding.
-    weights, grad_weights : Tensor of shape (B, K)
-    means, variances, grad_means, grad_variances : Tensor of shape (B, K, D)
-    grad_lower_bound : Tensor of shape (B,)
+    weights : Tensor of shape (B, K)
+    means, variances : Tensor of shape (B, K, D)
+    grad_weights : Tensor of shape (B, K) or None
+    grad_means, grad_variances : Tensor of shape (B, K, D) or None
+    grad_lower_bound : Tensor of shape (B,) or None
+        The gradients of the loss with respect to the outputs of the fit. None stands for an
+        output that the loss does not use.
     penalty : Penalty
 
     Returns
@@ -525,7 +532,10 @@ def implicit_gradient(
     Tensor of shape (B, N, D), zero on padding. Sets with a singular Hessian or a
     non-finite result get zeros and a ``RuntimeWarning``.
     """
-    lower_bound_scale = grad_lower_bound / member.sum(dim=-1)
+    # Outputs that the loss does not use come as None. The lower-bound term is then left out,
+    # and the other gradients become zeros.
+    grad_means, grad_variances = (torch.zeros_like(means) if grad is None else grad for grad in (grad_means, grad_variances))
+    lower_bound_scale = None if grad_lower_bound is None else grad_lower_bound / member.sum(dim=-1)
     soft = gather_soft_points(x, responsibilities, means, variances)
     if soft is None:
         grad_x = hard_assignment_vjp(
@@ -533,6 +543,8 @@ def implicit_gradient(
         )
         return zero_failed_sets(grad_x, None, "a component without points and mean_prior_count = 0, or overflow")
 
+    if grad_weights is None:
+        grad_weights = torch.zeros_like(weights)
     vector = parameter_cotangent(weights, variances, grad_weights, grad_means, grad_variances)
     solution, soft, singular = solve_structured(
         x, member, responsibilities, weights, means, variances, vector, penalty, soft
@@ -554,6 +566,7 @@ class ImplicitEMFit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, member, n_components, start, seed, penalty, max_iter, tol):
+        ctx.set_materialize_grads(False)
         fit = fit_in_chunks(x, member, n_components, start, seed, penalty, max_iter, tol)
         ctx.save_for_backward(x, member, fit.responsibilities, fit.weights, fit.means, fit.variances)
         ctx.penalty = penalty
