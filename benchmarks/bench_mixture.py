@@ -62,6 +62,10 @@ SKLEARN_REG_COVAR = 1e-10
 MAX_ITER = 100
 TOL = 1e-6
 
+# A backward pass at the small sizes takes well under a millisecond, where the noise of a
+# shared machine is largest, so its minimum is taken over more runs.
+BACKWARD_REPEAT_FACTOR = 4
+
 DENSE_CHUNK_SIZE = 64
 # Autograd intermediates, in tensor entries, per Hessian row and per (point, component,
 # dimension). An estimate, used only to decide whether the dense solve can run.
@@ -77,6 +81,7 @@ class Settings:
 
     device: str
     threads: int
+    forward_threads: tuple[int, ...]
     repeats: int
     dense_memory_limit_gb: float
     dense_time_limit_s: float
@@ -102,11 +107,11 @@ QUICK_PLAN = Plan(32, 64, (2,), 4, (64, 256), (1, 2))
 # and peak memory do not leak between measurements.
 
 
-def configure_worker(settings: Settings):
-    """Import torch in a worker, set its threads and return the module."""
+def configure_worker(settings: Settings, threads: int | None = None):
+    """Import torch in a worker, set its threads (``settings.threads`` unless given) and return the module."""
     import torch
 
-    torch.set_num_threads(settings.threads)
+    torch.set_num_threads(threads or settings.threads)
     warnings.simplefilter("ignore")
     return torch
 
@@ -200,7 +205,7 @@ def time_backward(settings: Settings, n_sets: int, dim: int, n_components: int) 
 
     times = {"implicit": [], "unrolled": [], "forward": []}
     results = {}
-    for repeat in range(settings.repeats + 1):
+    for repeat in range(BACKWARD_REPEAT_FACTOR * settings.repeats + 1):
         for backward in ("implicit", "unrolled"):
             fit, gradient, forward_s, backward_s = fit_and_differentiate(
                 torch, settings, points, n_components, cotangents, backward
@@ -287,17 +292,23 @@ def measure_solve_throughput(settings: Settings) -> float:
     return 3 * (2.0 / 3.0) * size**3 / (time.perf_counter() - start)
 
 
-def time_forward(settings: Settings, n_sets: int, dim: int, n_components: int, dtype_name: str) -> dict:
-    """Time the batched fit against scikit-learn set by set, from the same initialisation, and compare log-likelihoods."""
+def time_forward(settings: Settings, threads: int, n_sets: int, dim: int, n_components: int, dtype_name: str) -> dict:
+    """Time the batched fit against scikit-learn set by set, from the same initialisation, and compare log-likelihoods.
+
+    Both get ``threads``: torch through ``set_num_threads`` and scikit-learn's BLAS through
+    threadpoolctl.
+    """
     import numpy as np
     from sklearn.mixture import GaussianMixture
+    from threadpoolctl import threadpool_limits
 
     from s2m.mixture import VariancePrior, fit_diagonal_gmm, mixture_log_prob
     from s2m.mixture.em import initial_parameters
     from s2m.mixture.prior import resolve_penalty
     from s2m.mixture.synthetic import clustered_sets
 
-    torch = configure_worker(settings)
+    torch = configure_worker(settings, threads)
+    threadpool_limits(threads)
     dtype = getattr(torch, dtype_name)
     points64 = clustered_sets(n_sets, N_POINTS, dim, DATA_CLUSTERS, noise=DATA_NOISE, seed=SEED)
     points = points64.to(dtype).to(settings.device)
@@ -421,12 +432,14 @@ def benchmark_backward(plan: Plan, settings: Settings) -> list[dict]:
 
 def benchmark_forward(plan: Plan, settings: Settings) -> list[dict]:
     rows = []
-    for n_components in plan.forward_components:
-        for dtype_name in ("float32", "float64"):
-            logger.info("forward K=%d %s", n_components, dtype_name)
-            row = {"n_components": n_components, "dtype": dtype_name}
-            row.update(run_isolated(time_forward, settings, plan.forward_sets, plan.forward_dim, n_components, dtype_name))
-            rows.append(row)
+    for threads in settings.forward_threads:
+        for n_components in plan.forward_components:
+            for dtype_name in ("float32", "float64"):
+                logger.info("forward K=%d %s, %d threads", n_components, dtype_name, threads)
+                row = {"n_components": n_components, "dtype": dtype_name, "threads": threads}
+                sizes = (plan.forward_sets, plan.forward_dim, n_components, dtype_name)
+                row.update(run_isolated(time_forward, settings, threads, *sizes))
+                rows.append(row)
     return rows
 
 
@@ -449,7 +462,8 @@ def describe_machine(settings: Settings) -> list[str]:
 
     lines = [
         f"- CPU: {cpu}, {os.cpu_count()} logical cores, {len(os.sched_getaffinity(0))} available to this process",
-        f"- torch {torch.__version__} (torch threads per worker: {settings.threads}), "
+        f"- torch {torch.__version__} (threads per worker: {'/'.join(map(str, settings.forward_threads))} "
+        f"for the forward fit, {settings.threads} for the backward), "
         f"scikit-learn {sklearn.__version__}, Python {platform.python_version()}",
         f"- device: {settings.device}",
     ]
@@ -476,16 +490,17 @@ def forward_table(rows: list[dict], plan: Plan) -> list[str]:
         f"max_iter = {MAX_ITER}, tol = {TOL:g}. Goal: at least {FORWARD_GOAL_SPEEDUP:g} times faster than "
         f"scikit-learn with the mean log-likelihood within {FORWARD_GOAL_LOGLIK_RELATIVE:g} relative.",
         "",
-        "| K | dtype | s2m (ms) | scikit-learn (ms) | speed-up | s2m with k-means++ (ms) "
+        "| threads | K | dtype | s2m (ms) | scikit-learn (ms) | speed-up | s2m with k-means++ (ms) "
         "| EM iterations s2m / sklearn (mean) | sets with another iteration count "
         "| relative log-likelihood difference: median, max | sets above the goal | goal |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         speedup = row["sklearn_s"] / row["ours_s"]
         met = speedup >= FORWARD_GOAL_SPEEDUP and row["loglik_relative"] <= FORWARD_GOAL_LOGLIK_RELATIVE
         lines.append(
-            f"| {row['n_components']} | {row['dtype']} | {format_ms(row['ours_s'])} | {format_ms(row['sklearn_s'])} "
+            f"| {row['threads']} | {row['n_components']} | {row['dtype']} | {format_ms(row['ours_s'])} "
+            f"| {format_ms(row['sklearn_s'])} "
             f"| {speedup:.1f} | {format_ms(row['ours_kmeans_s'])} "
             f"| {row['ours_iterations']:.2f} / {row['sklearn_iterations']:.2f} | {row['iteration_mismatches']} "
             f"| {row['loglik_relative_median']:.1e}, {row['loglik_relative']:.1e} | {row['loglik_outliers']} "
@@ -545,7 +560,8 @@ def build_section(plan: Plan, settings: Settings, forward_rows, backward_rows, e
         "```",
         "",
         *describe_machine(settings),
-        f"- repeats: minimum of {settings.repeats} timed runs after one warm-up; the whole run took "
+        f"- repeats: minimum of {settings.repeats} timed runs after one warm-up "
+        f"({BACKWARD_REPEAT_FACTOR * settings.repeats} for the implicit and unrolled backward), and the whole run took "
         f"{elapsed_s / 60:.1f} min",
         "",
         *forward_table(forward_rows, plan),
@@ -574,7 +590,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="run small sizes only, for a check in about a minute")
     parser.add_argument("--device", default="cpu", help="torch device to run on, for example cpu or cuda (default: cpu)")
     parser.add_argument("--output", type=Path, help="Markdown file whose section for this device is replaced")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: all cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per worker for the backward measurements (default: all cores). "
+        "The forward fit is measured with 1 thread and with all cores, for both libraries",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default: 5, quick: 3)")
     parser.add_argument(
         "--dense-memory-limit-gb", type=float, default=4.0, help="skip the dense solve above this estimated memory in GB"
@@ -593,10 +615,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     plan = QUICK_PLAN if arguments.quick else FULL_PLAN
-    threads = arguments.threads or len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
+    threads = arguments.threads or cores
+    forward_threads = tuple(sorted({1, cores}))
     repeats = arguments.repeats or (3 if arguments.quick else 5)
     settings = Settings(
-        arguments.device, threads, repeats, arguments.dense_memory_limit_gb, arguments.dense_time_limit_s
+        arguments.device, threads, forward_threads, repeats, arguments.dense_memory_limit_gb, arguments.dense_time_limit_s
     )
 
     start = time.perf_counter()
