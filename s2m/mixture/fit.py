@@ -142,7 +142,15 @@ def fit_diagonal_gmm(
     every variance at least :math:`n_0 v_0 / (N_k + n_0)`. A component that loses its
     points is kept by the priors, with weight :math:`\\lambda / (N + K\\lambda)`, a mean
     pulled to the origin and variance near :math:`v_0`. Its gradient stays finite
-    because :math:`\\kappa_0, \\lambda > 0` keep the Hessian invertible.
+    because :math:`\\kappa_0, \\lambda > 0` keep the Hessian invertible. A component that
+    collapses onto one or a few points under a weak prior gets its variances and
+    log-densities from explicit differences to its mean, where the usual expanded form
+    would lose more than ``EXPANSION_ERROR_LIMIT`` nats (see :mod:`s2m.mixture.em`).
+
+    float32 and float64 run the same code. The objective of the convergence test is summed
+    in float64 in both, because a float32 sum of tens of log-likelihoods of a few hundred
+    nats each has an error near 1e-3, far above the default ``tol``. Rounding noise in float32 log-densities can still add an
+    iteration, or end one early where the objective grows by less than that noise.
 
     Parameters
     ----------
