@@ -100,6 +100,8 @@ def check_config_consistency(config: dict) -> None:
             "baselines. Rename one of them, since each names an output folder."
         )
 
+    check_baselines(config["baselines"])
+
     for name, variant in config["meta_trained"].items():
         if name == "pretrained":
             raise ConfigError(
@@ -111,6 +113,25 @@ def check_config_consistency(config: dict) -> None:
                 f"meta_trained.{name}: n_components {variant['n_components']} is only "
                 "used by set_model gmm. Remove it or set set_model: gmm."
             )
+
+
+def check_baselines(entries: dict) -> None:
+    """Build every configured baseline once, so that an unknown name or parameter stops the run before any job.
+
+    Raises
+    ------
+    ConfigError
+        If a baseline name or parameter is invalid. The message names the entry and
+        repeats the baseline's own message, which lists the available names or the
+        accepted parameters.
+    """
+    from baselines import get_baseline
+
+    for name, entry in entries.items():
+        try:
+            get_baseline(name, **entry.get("params", {}))
+        except ValueError as error:
+            raise ConfigError(f"baselines.{name}: {error}") from error
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:

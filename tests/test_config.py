@@ -58,3 +58,16 @@ def test_torchvision_backbone_cannot_unfreeze():
     override = {"caltech101": {"backbone": {"kind": "torchvision", "unfreeze_last_blocks": 2}}}
     with pytest.raises(ConfigError, match="unfreeze_last_blocks 2"):
         load_config(overrides=override)
+
+
+def test_unknown_baseline_rejected_at_load():
+    with pytest.raises(ConfigError, match=r"baselines.centroid_distanse: Unknown baseline 'centroid_distanse'") as error:
+        load_config(overrides={"baselines": {"centroid_distanse": {"label": "Centroid"}}})
+
+    assert "mean_embedding" in str(error.value)
+
+
+def test_invalid_baseline_param_rejected_at_load():
+    override = {"baselines": {"gmm": {"label": "GMM", "params": {"n_components": 0}}}}
+    with pytest.raises(ConfigError, match=r"baselines.gmm: Parameter n_components must be"):
+        load_config(overrides=override)

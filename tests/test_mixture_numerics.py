@@ -238,7 +238,7 @@ def test_nan_padding_is_ignored_and_nan_member_rejected():
     assert bool(torch.isfinite(fit.means).all())
 
     x[1, 2, 0] = float("inf")
-    with pytest.raises(ValueError, match=r"NaN or infinite values in member rows of sets \[1\]"):
+    with pytest.raises(ValueError, match=r"NaN or infinite values in sets \[1\] \(first in set 1, row 2\)"):
         fit_diagonal_gmm(x, 2, mask)
 
 
@@ -295,5 +295,7 @@ def test_mixture_log_prob_rejects_mismatched_queries():
 
     with pytest.raises(ValueError, match=r"y must have shape \(B=2, M, D=3\)"):
         mixture_log_prob(fit, torch.zeros(2, 4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"y must have shape \(B, M, D\), got shape \(4, 3\).*y.unsqueeze\(0\)"):
+        mixture_log_prob(fit, torch.zeros(4, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"y is torch.float32 on cpu but the fit is torch.float64"):
         mixture_log_prob(fit, torch.zeros(2, 4, 3))

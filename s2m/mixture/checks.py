@@ -18,7 +18,9 @@ def list_sets(indices: Tensor) -> str:
     return f"[{listed}]"
 
 
-def validate_points(x: Tensor, mask: Tensor | None, name: str = "x", mask_name: str = "mask") -> tuple[Tensor, Tensor]:
+def validate_points(
+    x: Tensor, mask: Tensor | None, name: str = "x", mask_name: str = "mask", shape: str = "(B, N, D)"
+) -> tuple[Tensor, Tensor]:
     """Check a padded batch of point sets and return it with padding zeroed, plus a float member mask.
 
     Padded rows are replaced by zeros so that NaN or infinite padding cannot reach the
@@ -29,6 +31,8 @@ def validate_points(x: Tensor, mask: Tensor | None, name: str = "x", mask_name: 
     x : Tensor of shape (B, N, D), float32 or float64
     mask : Tensor of shape (B, N), bool, or None
         True for members. None means that every row is a member.
+    name, mask_name, shape : str
+        How error messages call ``x``, ``mask`` and the expected shape of ``x``.
 
     Returns
     -------
@@ -41,11 +45,11 @@ def validate_points(x: Tensor, mask: Tensor | None, name: str = "x", mask_name: 
         If a shape, dtype or device does not match, or a member row is not finite.
     """
     if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (B, N, D), got {type(x).__name__}.")
+        raise ValueError(f"{name} must be a torch.Tensor of shape {shape}, got {type(x).__name__}.")
     if x.dim() != 3:
         raise ValueError(
-            f"{name} must have shape (B, N, D), got shape {tuple(x.shape)}; "
-            "add a batch dimension with x.unsqueeze(0) for a single set."
+            f"{name} must have shape {shape}, got shape {tuple(x.shape)}. "
+            f"For a single set, add a batch dimension with {name}.unsqueeze(0)."
         )
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name} must be float32 or float64, got {x.dtype}; cast it with x.float() or x.double().")
@@ -68,9 +72,11 @@ def validate_points(x: Tensor, mask: Tensor | None, name: str = "x", mask_name: 
     finite_rows = torch.isfinite(x.sum(dim=-1)) | ~member_bool
     if not bool(finite_rows.all()):
         bad_sets = torch.nonzero(~finite_rows.all(dim=-1)).flatten()
+        first_set = int(bad_sets[0])
+        first_row = int(torch.nonzero(~finite_rows[first_set]).flatten()[0])
         raise ValueError(
-            f"{name} contains NaN or infinite values in member rows of sets {list_sets(bad_sets)}; "
-            f"clean the descriptors or mark those rows as padding in {mask_name}."
+            f"{name} contains NaN or infinite values in sets {list_sets(bad_sets)} (first in set {first_set}, "
+            f"row {first_row}). Clean the descriptors, or mark those rows as padding in {mask_name}."
         )
 
     if mask is not None and not bool(mask.all()):

@@ -147,6 +147,8 @@ def fit_diagonal_gmm(
     log-densities from explicit differences to its mean, where the usual expanded form
     would lose more than ``EXPANSION_ERROR_LIMIT`` nats (see :mod:`s2m.mixture.em`).
 
+    NOTE: the code uses no device-specific calls, but it has only been run on the CPU.
+
     float32 and float64 run the same code. The objective of the convergence test is summed
     in float64 in both, because a float32 sum of tens of log-likelihoods of a few hundred
     nats each has an error near 1e-3, far above the default ``tol``. Rounding noise in float32 log-densities can still add an
@@ -186,8 +188,6 @@ def fit_diagonal_gmm(
     -------
     GaussianMixtureFit
         Batch shape (B,), event shape (D,), differentiable with respect to ``x``.
-
-    NOTE: the code uses no device-specific calls, but it has only been run on the CPU.
 
     Raises
     ------

@@ -44,6 +44,13 @@ class GaussianMixtureFit:
         """Number of components K."""
         return self.weights.shape[-1]
 
+    def __repr__(self) -> str:
+        batch_size, n_components, dim = self.means.shape
+        return (
+            f"GaussianMixtureFit(batch_shape=({batch_size},), event_shape=({dim},), n_components={n_components}, "
+            f"dtype={self.means.dtype}, device={self.means.device}, converged={int(self.converged.sum())}/{batch_size})"
+        )
+
 
 def mixture_log_prob(fit: GaussianMixtureFit, y: Tensor, y_mask: Tensor | None = None) -> Tensor:
     """Compute the log-likelihood of each query under the mixture of its set.
@@ -71,7 +78,7 @@ def mixture_log_prob(fit: GaussianMixtureFit, y: Tensor, y_mask: Tensor | None =
     ValueError
         If ``y`` does not match the fit in batch size, dimension, dtype or device.
     """
-    y, query = validate_points(y, y_mask, name="y", mask_name="y_mask")
+    y, query = validate_points(y, y_mask, name="y", mask_name="y_mask", shape="(B, M, D)")
     batch_size, _, dim = fit.means.shape
     if y.shape[0] != batch_size or y.shape[2] != dim:
         raise ValueError(
