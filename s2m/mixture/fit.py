@@ -151,8 +151,9 @@ def fit_diagonal_gmm(
 
     float32 and float64 run the same code. The objective of the convergence test is summed
     in float64 in both, because a float32 sum of tens of log-likelihoods of a few hundred
-    nats each has an error near 1e-3, far above the default ``tol``. Rounding noise in float32 log-densities can still add an
-    iteration, or end one early where the objective grows by less than that noise.
+    nats each has an error near 1e-3, far above the default ``tol``. Rounding noise in
+    float32 log-densities can still add an iteration, or end one early where the objective
+    grows by less than that noise.
 
     Parameters
     ----------

@@ -452,9 +452,9 @@ def hard_assignment_vjp(
         c_k = \\frac{\\gamma}{\\sigma^2_k} - \\frac{2\\, \\bar\\sigma^2_k}{N_k + n_0},
 
     with :math:`\\bar\\mu_k, \\bar\\sigma^2_k` the gradients of the loss with respect to the
-    means and variances and :math:`\\gamma` ``lower_bound_scale`` (0 when None). The gradient with respect to
-    the weights has no effect here, since the weights depend on the points only through soft
-    responsibilities.
+    means and variances and :math:`\\gamma` ``lower_bound_scale`` (0 when None). The
+    gradient with respect to the weights has no effect here, since the weights depend on
+    the points only through soft responsibilities.
     """
     counts = responsibilities.sum(dim=1).unsqueeze(-1)
     linear = torch.div(grad_variances, counts + penalty.variance_count).mul_(-2.0)
@@ -534,7 +534,10 @@ def implicit_gradient(
     """
     # Outputs that the loss does not use come as None. The lower-bound term is then left out,
     # and the other gradients become zeros.
-    grad_means, grad_variances = (torch.zeros_like(means) if grad is None else grad for grad in (grad_means, grad_variances))
+    if grad_means is None:
+        grad_means = torch.zeros_like(means)
+    if grad_variances is None:
+        grad_variances = torch.zeros_like(variances)
     lower_bound_scale = None if grad_lower_bound is None else grad_lower_bound / member.sum(dim=-1)
     soft = gather_soft_points(x, responsibilities, means, variances)
     if soft is None:
