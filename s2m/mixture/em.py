@@ -566,12 +566,12 @@ def run_em(
         n_iter.index_add_(0, gathered, running.long())
 
         per_member = objective.detach() / n_members
-        lower_bound = (objective / n_members).to(member.dtype)
         done = running & (per_member - previous <= tol)
         previous = per_member
         if bool(done.any()):
+            lower_bound = (objective[done] / n_members[done]).to(member.dtype)
             finished_sets.append(gathered[done])
-            finished_parts.append(tuple(tensor[done] for tensor in (*parameters, responsibilities, lower_bound)))
+            finished_parts.append((*(tensor[done] for tensor in (*parameters, responsibilities)), lower_bound))
             converged[gathered[done]] = True
             running = running & ~done
             n_running = int(running.sum())

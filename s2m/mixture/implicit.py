@@ -415,7 +415,7 @@ def stationarity_vjp(
         logvar_weight = logvar_weight + lower_bound_scale.view(-1, 1, 1)
     linear = logvar_weight / variances
     constant = torch.addcmul(-solution.means / variances, linear, means)
-    gradient = torch.bmm(responsibilities, constant).addcmul_(x, torch.bmm(responsibilities, linear), value=-1.0)
+    gradient = mix_affine_terms(x, responsibilities, constant, linear)
 
     if soft is not None:
         scores = (soft.mean_scores * solution.means.unsqueeze(2)).sum(dim=-1)
@@ -461,7 +461,19 @@ def hard_assignment_vjp(
     if lower_bound_scale is not None:
         linear = torch.addcdiv(linear, lower_bound_scale.view(-1, 1, 1), variances)
     constant = torch.addcmul(grad_means / (counts + penalty.mean_count), linear, means)
+    return mix_affine_terms(x, responsibilities, constant, linear)
 
+
+def mix_affine_terms(x: Tensor, responsibilities: Tensor, constant: Tensor, linear: Tensor) -> Tensor:
+    """Compute :math:`\\sum_k r_{ik} (a_k - x_i \\odot c_k)` for every point, as (B, N, D).
+
+    Parameters
+    ----------
+    x : Tensor of shape (B, N, D)
+    responsibilities : Tensor of shape (B, N, K)
+    constant, linear : Tensor of shape (B, K, D)
+        :math:`a_k` and :math:`c_k`.
+    """
     # With K = 1 the sums over k are broadcasts, and matrix products with an inner size of 1
     # are slower than one elementwise pass.
     if responsibilities.shape[-1] == 1:
