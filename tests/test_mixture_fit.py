@@ -162,7 +162,7 @@ def test_fit_float32_matches_float64():
 def test_float32_fit_leaves_slow_plateau():
     # From this start EM sits near a saddle, where the objective grows by about 1e-4 per
     # member and iteration before it speeds up. A float32 sum of the 50 log-likelihoods
-    # (about 460 nats each) cannot resolve that growth, and EM stopped there.
+    # (about 460 nats each) cannot resolve that growth, so EM with such a sum stops there.
     x = clustered_sets(256, 50, 256, 3, noise=0.5, seed=0)[250:251]
     member = torch.ones(1, 50, dtype=torch.float64)
     start = initial_parameters(x, member, 2, 0, resolve_penalty(256, **FLAT_PRIOR))
@@ -177,7 +177,7 @@ def test_float32_fit_leaves_slow_plateau():
     torch.testing.assert_close(fits[torch.float32].lower_bound.double(), fits[torch.float64].lower_bound, rtol=1e-6, atol=0)
 
 
-def test_em_objective_is_summed_in_float64():
+def test_em_objective_summed_in_float64():
     x = clustered_sets(2, 10, 8, 2, seed=10, dtype=torch.float32)
     member = torch.ones(2, 10)
     penalty = resolve_penalty(8, VariancePrior(), 0.01, 0.1)

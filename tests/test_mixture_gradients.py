@@ -183,7 +183,7 @@ def test_implicit_gradient_matches_long_unrolled_em(n_components):
 
 
 @pytest.mark.parametrize("n_components", [2, 3])
-def test_hard_assignment_gradient_matches_dense_and_unrolled(n_components):
+def test_hard_assignment_gradient_matches_references(n_components):
     # Tight, distant clusters give one-hot responsibilities, so the backward pass takes the
     # path without soft points. The loss reads every output, the lower bound included.
     x = clustered_sets(3, 12, 6, n_components, noise=0.05, normalize=False, seed=32).requires_grad_(True)

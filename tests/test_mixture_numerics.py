@@ -177,7 +177,7 @@ def outlier_start(x):
     return weights, means, variances
 
 
-def test_single_point_component_float32_matches_float64():
+def test_single_point_component_in_float32():
     # With a nearly flat prior the outlier's component collapses to a variance of 1e-10. The
     # expanded quadratic form would then lose about 1e3 nats in float32.
     fits, log_likelihoods = {}, {}

@@ -33,14 +33,14 @@ EXPANSION_ERROR_LIMIT = 1e-3
 EXPANSION_ERROR_FACTOR = 16.0
 
 #: Log-ratio below the most likely component at which a component's share of a point is
-#: negligible in float64 too: exp(-50) is about 2e-22.
+#: negligible in float64 too, since exp(-50) is about 2e-22.
 NEGLIGIBLE_LOG_RATIO = 50.0
 
 #: Target size in bytes of the points and their squares for one chunk of sets in
 #: :func:`fit_in_chunks`, which bounds the temporary memory of a fit. Each chunk repeats
 #: the same few dozen small tensor operations per EM iteration, so larger chunks spend less
-#: time per set on them. On a 2-core CPU, fits of 256 sets of D = 256 were fastest from
-#: about this size up.
+#: time per set on them. On a 2-core CPU with two threads, fits of 256 sets of D = 256
+#: were fastest from about this size up, and with one thread the size made no difference.
 CHUNK_BYTES = 32 * 2**20
 
 
@@ -291,7 +291,7 @@ def e_step(
     objective : Tensor of shape (B,), float64
         The penalised log-likelihood :math:`\\mathcal{L}` summed over members (see
         :mod:`s2m.mixture.prior`). The sum is taken in float64 whatever the dtype of the
-        points: in float32, N log-likelihoods of a few hundred nats each sum with an error
+        points. In float32, N log-likelihoods of a few hundred nats each sum with an error
         of about 1e-3, far above the growth per member that the convergence test resolves.
     """
     log_weights = torch.log(weights)
@@ -551,7 +551,7 @@ def run_em(
 
     # Each iteration computes the gathered sets, a superset of those still running. Sets
     # that have finished stay in it, computed but unused, until the running ones fill at
-    # most half of it; then it is gathered again. Copying thus costs at most twice the
+    # most half of it, and then it is gathered again. Copying thus costs at most twice the
     # first gather, and the wasted rows at most as much as the useful ones.
     gathered = torch.arange(batch_size, device=device)
     running = torch.ones(batch_size, dtype=torch.bool, device=device)
