@@ -15,6 +15,7 @@ from s2m.mixture import (
 )
 from s2m.mixture import em
 from s2m.mixture.em import expansion_error
+from s2m.mixture.prior import resolve_penalty
 from s2m.mixture.synthetic import clustered_sets
 
 PRIOR = VariancePrior(variance=0.01, pseudo_count=1.0)
@@ -214,6 +215,32 @@ def test_explicit_differences_match_expansion(monkeypatch, backward):
     for name in ("weights", "means", "variances", "lower_bound"):
         torch.testing.assert_close(getattr(explicit, name), getattr(expanded, name), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(explicit_gradient, expanded_gradient, rtol=1e-8, atol=1e-10)
+
+
+def test_explicit_differences_on_some_sets():
+    # Only sets 1 and 3 of 4 have selected components, as when a few sets of a batch have a
+    # collapsed one. The float64 expansion is accurate, so the explicit values must match it.
+    x = clustered_sets(4, 10, 6, 3, noise=0.6, normalize=False, seed=44)
+    member = torch.ones(4, 10, dtype=torch.float64)
+    penalty = resolve_penalty(6, PRIOR, 0.01, 0.1)
+    features = em.point_features(x)
+    weights, means, variances = em.initial_parameters(x, member, 3, 0, penalty)
+    selected = torch.zeros(4, 3, dtype=torch.bool)
+    selected[1, 2] = selected[3, 0] = selected[3, 1] = True
+
+    components = em.ExpandedComponents.from_parameters(means, variances)
+    log_weights = torch.log(weights)
+    joint = components.log_joint(features, log_weights)
+    replaced = components.replace_with_explicit(joint, x, log_weights, selected)
+    torch.testing.assert_close(replaced, joint, rtol=1e-12, atol=1e-10)
+    assert torch.equal(replaced[[0, 2]], joint[[0, 2]])
+
+    responsibilities, _ = em.e_step(features, member, weights, means, variances, penalty)
+    _, new_means, new_variances = em.m_step(features, member, responsibilities, penalty)
+    counts = responsibilities.sum(dim=1)
+    explicit = em.explicit_variances(x, responsibilities, counts, new_means, new_variances, selected, penalty)
+    torch.testing.assert_close(explicit, new_variances, rtol=1e-10, atol=1e-14)
+    assert torch.equal(explicit[~selected], new_variances[~selected])
 
 
 def test_float32_descriptors_stay_finite():
