@@ -325,6 +325,18 @@ def plot_map_vs_noise(
     return path
 
 
+def _path_inside(repo_dir: Path, path: Path) -> str | None:
+    """Return ``path`` relative to ``repo_dir`` if it lies inside it, else None.
+
+    A relative ``path`` is taken from the current directory, where Snakemake runs the jobs.
+    git rejects a pathspec outside the repository, so such a path cannot be excluded.
+    """
+    try:
+        return (Path.cwd() / path).resolve().relative_to(repo_dir.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
 def _run_git(repo_dir: Path, *arguments: str) -> str | None:
     """Return the stdout of a git command in ``repo_dir``, or None if git is missing or fails."""
     try:
@@ -397,10 +409,13 @@ def provenance(config: Mapping[str, Any], repo_dir: str | os.PathLike) -> dict[s
     """
     repo_dir = Path(repo_dir)
     commit = _run_git(repo_dir, "rev-parse", "HEAD")
-    results_dir = str(config.get("results_dir", "results"))
     status = None
     if commit is not None:
-        status = _run_git(repo_dir, "status", "--porcelain", "--", ".", f":(exclude){results_dir}")
+        pathspecs = ["."]
+        results_inside = _path_inside(repo_dir, Path(config.get("results_dir", "results")))
+        if results_inside is not None:
+            pathspecs.append(f":(exclude){results_inside}")
+        status = _run_git(repo_dir, "status", "--porcelain", "--", *pathspecs)
 
     return {
         "git_commit": commit.strip() if commit is not None else "unknown",

@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from s2m.mixture import (
 )
 from s2m.mixture import em
 from s2m.mixture.em import expansion_error
+from s2m.mixture.implicit import failure_remedy
 from s2m.mixture.prior import resolve_penalty
 from s2m.mixture.synthetic import clustered_sets
 
@@ -55,8 +57,9 @@ def test_empty_set_raises_for_gaussian():
     x = clustered_sets(2, 4, 3, 1, seed=31)
     mask = torch.tensor([[True] * 4, [False] * 4])
 
-    with pytest.raises(ValueError, match=r"sets \[1\] have \[0\] members"):
+    with pytest.raises(ValueError, match=r"sets \[1\] have \[0\] members. Drop those sets") as error:
         fit_diagonal_gaussian(x, mask)
+    assert "fit_diagonal_gaussian" not in str(error.value)
 
 
 def test_duplicated_points_fit_and_gradient():
@@ -151,13 +154,24 @@ def test_collapse_without_priors_zeroes_gradient():
     queries = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(247), dtype=torch.float64)
 
     fit = fit_diagonal_gmm(x, 2, init=start, variance_prior=PRIOR, mean_prior_count=0.0, weight_prior_count=0.0)
-    with pytest.warns(RuntimeWarning, match=r"implicit gradient of 1 of 2 sets \[1\] is not finite"):
+    with pytest.warns(RuntimeWarning, match=r"implicit gradient of 1 of 2 sets \[1\] is not finite") as record:
         _, gradient = loss_and_gradient(x, fit, queries)
+    message = str(record[0].message)
+    assert "Raise mean_prior_count and weight_prior_count above 0" in message
+    assert "unrolled" not in message
 
     assert fit.weights[1, 1].item() == 0.0
     assert torch.equal(gradient[1], torch.zeros(9, 3, dtype=torch.float64))
     assert bool(torch.isfinite(gradient[0]).all())
     assert bool((gradient[0] != 0).any())
+
+
+def test_failure_remedy_depends_on_priors():
+    positive = resolve_penalty(3, PRIOR, 0.01, 0.1)
+    zero_weight = resolve_penalty(3, PRIOR, 0.01, 0.0)
+
+    assert "backward='unrolled'" in failure_remedy(positive)
+    assert "Raise mean_prior_count and weight_prior_count" in failure_remedy(zero_weight)
 
 
 NEAR_FLAT = dict(variance_prior=VariancePrior(variance=1.0, pseudo_count=1e-10), mean_prior_count=0.0, weight_prior_count=0.0)
@@ -281,6 +295,10 @@ def test_nan_padding_is_ignored_and_nan_member_rejected():
         (dict(variance_prior=VariancePrior(pseudo_count=0.0)), r"variance_prior.pseudo_count must be .* got 0.0"),
         (dict(mean_prior_count=-0.5), r"mean_prior_count must be a finite number >= 0, got -0.5"),
         (dict(weight_prior_count=float("nan")), r"weight_prior_count must be a finite number >= 0, got nan"),
+        (dict(mean_prior_count=None), r"mean_prior_count must be a finite number >= 0, got None"),
+        (dict(variance_prior=VariancePrior(variance="a")), r"variance_prior.variance must be .* got 'a'"),
+        (dict(tol=True), r"tol must be a number >= 0, got True"),
+        (dict(n_components=2.0), r"n_components must be an int >= 1, got 2.0"),
     ],
 )
 def test_invalid_options_raise(arguments, message):
@@ -314,6 +332,27 @@ def test_invalid_init_tuple_raises():
         fit_diagonal_gmm(x, 2, init=(weights, means[:, :, :2], variances))
     with pytest.raises(ValueError, match=r"strictly positive"):
         fit_diagonal_gmm(x, 2, init=(weights, means, -variances))
+    with pytest.raises(ValueError, match=r"init means contain NaN or infinite values"):
+        fit_diagonal_gmm(x, 2, init=(weights, torch.full_like(means, float("nan")), variances))
+    with pytest.raises(ValueError, match=r"init variances contain NaN or infinite values"):
+        fit_diagonal_gmm(x, 2, init=(weights, means, torch.full_like(variances, float("inf"))))
+
+
+def test_numpy_scalar_options_accepted():
+    x = clustered_sets(2, 6, 3, 2, seed=45)
+
+    with_numpy = fit_diagonal_gmm(x, np.int64(2), max_iter=np.int32(50), tol=np.float32(1e-6), seed=np.int64(3))
+    with_python = fit_diagonal_gmm(x, 2, max_iter=50, tol=float(np.float32(1e-6)), seed=3)
+
+    assert torch.equal(with_numpy.means, with_python.means)
+    assert torch.equal(with_numpy.n_iter, with_python.n_iter)
+
+
+def test_overflowing_row_sums_raise():
+    x = torch.full((1, 4, 3), 3e38)
+
+    with pytest.raises(ValueError, match=r"finite values so large that their row sums overflow torch.float32"):
+        fit_diagonal_gmm(x, 2)
 
 
 def test_mixture_log_prob_rejects_mismatched_queries():
@@ -326,3 +365,5 @@ def test_mixture_log_prob_rejects_mismatched_queries():
         mixture_log_prob(fit, torch.zeros(4, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"y is torch.float32 on cpu but the fit is torch.float64"):
         mixture_log_prob(fit, torch.zeros(2, 4, 3))
+    with pytest.raises(ValueError, match=r"fit must be a GaussianMixtureFit.*got Tensor"):
+        mixture_log_prob(fit.means, torch.zeros(2, 4, 3, dtype=torch.float64))

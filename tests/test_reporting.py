@@ -215,3 +215,29 @@ def test_provenance_in_git_repo(tmp_path, monkeypatch):
     assert clean["git_commit"] == head
     assert clean["git_dirty"] is False
     assert dirty["git_dirty"] is True
+
+
+def test_provenance_excludes_only_inner_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "--quiet")
+    (repo / "file.txt").write_text("content\n")
+    _git(repo, "add", "file.txt")
+    _git(repo, "-c", "user.name=Test", "-c", "user.email=test@example.com", "commit", "--quiet", "-m", "Add file")
+    monkeypatch.chdir(repo)
+    outside = {"results_dir": str(tmp_path / "scratch")}
+
+    # git rejects an exclude pathspec outside the repository, so such a results_dir is not excluded.
+    clean_outside = provenance(outside, repo)
+    (repo / "file.txt").write_text("changed\n")
+    dirty_outside = provenance(outside, repo)
+    (repo / "file.txt").write_text("content\n")
+    (repo / "results").mkdir()
+    (repo / "results" / "table.md").write_text("table\n")
+    clean_inside = provenance({"results_dir": "results"}, repo)
+
+    assert clean_outside["git_dirty"] is False
+    assert dirty_outside["git_dirty"] is True
+    assert clean_inside["git_dirty"] is False

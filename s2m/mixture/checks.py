@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 MAX_LISTED_SETS = 10
+
+
+def is_integer(value) -> bool:
+    """Return whether ``value`` is an integer other than a bool, numpy integers included."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """Return whether ``value`` is a real number other than a bool, numpy floats included."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def list_sets(indices: Tensor) -> str:
@@ -42,7 +54,8 @@ def validate_points(
     Raises
     ------
     ValueError
-        If a shape, dtype or device does not match, or a member row is not finite.
+        If a shape, dtype or device does not match, or a member row is not finite or so large
+        that its sum overflows.
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape {shape}, got {type(x).__name__}.")
@@ -71,6 +84,12 @@ def validate_points(
     # isfinite would write a full boolean copy.
     finite_rows = torch.isfinite(x.sum(dim=-1)) | ~member_bool
     if not bool(finite_rows.all()):
+        finite_rows = torch.isfinite(x).all(dim=-1) | ~member_bool
+        if bool(finite_rows.all()):
+            raise ValueError(
+                f"{name} has finite values so large that their row sums overflow {x.dtype} (largest magnitude "
+                f"{x.abs().max().item():.3g}). Scale the descriptors down, for example by L2-normalising them."
+            )
         bad_sets = torch.nonzero(~finite_rows.all(dim=-1)).flatten()
         first_set = int(bad_sets[0])
         first_row = int(torch.nonzero(~finite_rows[first_set]).flatten()[0])

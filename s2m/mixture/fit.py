@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from s2m.mixture.checks import list_sets, validate_points
+from s2m.mixture.checks import is_integer, is_real, list_sets, validate_points
 from s2m.mixture.em import PointFeatures, e_step, initial_parameters, point_features, run_em
 from s2m.mixture.implicit import ImplicitEMFit
 from s2m.mixture.model import GaussianMixtureFit
@@ -197,6 +197,7 @@ def fit_diagonal_gmm(
     """
     x, member = validate_points(x, mask)
     check_fit_options(n_components, max_iter, tol, seed, backward)
+    n_components, max_iter, tol, seed = int(n_components), int(max_iter), float(tol), int(seed)
     penalty = resolve_penalty(x.shape[-1], variance_prior, mean_prior_count, weight_prior_count)
     check_set_sizes(member, n_components)
 
@@ -225,13 +226,13 @@ def fit_diagonal_gmm(
 
 def check_fit_options(n_components: int, max_iter: int, tol: float, seed: int, backward: str) -> None:
     """Raise ``ValueError`` naming the first invalid EM option."""
-    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
+    if not is_integer(n_components) or n_components < 1:
         raise ValueError(f"n_components must be an int >= 1, got {n_components!r}.")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+    if not is_integer(max_iter) or max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}.")
-    if not (isinstance(tol, (int, float)) and tol >= 0):
+    if not (is_real(tol) and tol >= 0):
         raise ValueError(f"tol must be a number >= 0, got {tol!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_integer(seed):
         raise ValueError(f"seed must be an int, got {seed!r}.")
     if backward not in BACKWARD_MODES:
         raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}.")
@@ -243,10 +244,13 @@ def check_set_sizes(member: Tensor, n_components: int) -> None:
     small = counts < n_components
     if bool(small.any()):
         sets = torch.nonzero(small).flatten()
+        if n_components == 1:
+            remedy = "Drop those sets or give them at least one member in the mask."
+        else:
+            remedy = "Pass fewer components, drop those sets, or fit them with fit_diagonal_gaussian."
         raise ValueError(
             f"Every set needs at least n_components={n_components} members, but sets {list_sets(sets)} "
-            f"have {list_sets(counts[sets].long())} members. Pass fewer components, drop those sets, "
-            "or fit them with fit_diagonal_gaussian."
+            f"have {list_sets(counts[sets].long())} members. {remedy}"
         )
 
 
@@ -263,6 +267,9 @@ def check_initial_parameters(init: tuple, x: Tensor, n_components: int) -> tuple
         if tensor.dtype != x.dtype or tensor.device != x.device:
             raise ValueError(f"init {name} is {tensor.dtype} on {tensor.device}; convert it with .to(x).")
 
+    for name, tensor in zip(("weights", "means", "variances"), init):
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"init {name} contain NaN or infinite values; pass finite initial parameters.")
     weights, _, variances = init
     if not bool((weights > 0).all()) or not bool((variances > 0).all()):
         raise ValueError("init weights and variances must be strictly positive.")

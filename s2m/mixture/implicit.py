@@ -483,7 +483,15 @@ def mix_affine_terms(x: Tensor, responsibilities: Tensor, constant: Tensor, line
     return gradient.addcmul_(x, weighted_linear, value=-1.0)
 
 
-def zero_failed_sets(grad_x: Tensor, failed: Tensor | None, reason: str) -> Tensor:
+def failure_remedy(penalty: Penalty) -> str:
+    """Suggest how to avoid a non-finite implicit gradient under ``penalty``."""
+    if penalty.mean_count == 0 or penalty.weight_count == 0:
+        # Unrolled EM divides by the same zero counts, so it would not help here.
+        return "Raise mean_prior_count and weight_prior_count above 0, so that components without points stay defined."
+    return "Use backward='unrolled', which does not solve with the Hessian."
+
+
+def zero_failed_sets(grad_x: Tensor, failed: Tensor | None, reason: str, remedy: str) -> Tensor:
     """Replace the gradient of failed sets by zeros, with a warning and a log line naming them.
 
     A set fails when ``failed`` flags it or its gradient has a NaN or infinite entry, which
@@ -501,8 +509,7 @@ def zero_failed_sets(grad_x: Tensor, failed: Tensor | None, reason: str) -> Tens
     sets = list_sets(torch.nonzero(failed).flatten())
     message = (
         f"The implicit gradient of {int(failed.sum())} of {failed.numel()} sets {sets} is not finite "
-        f"({reason}); their gradient is set to zero. Raise mean_prior_count or weight_prior_count, "
-        "or use backward='unrolled'."
+        f"({reason}); their gradient is set to zero. {remedy}"
     )
     logger.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -556,7 +563,9 @@ def implicit_gradient(
         grad_x = hard_assignment_vjp(
             x, responsibilities, means, variances, grad_means, grad_variances, lower_bound_scale, penalty
         )
-        return zero_failed_sets(grad_x, None, "a component without points and mean_prior_count = 0, or overflow")
+        return zero_failed_sets(
+            grad_x, None, "a component without points and mean_prior_count = 0, or overflow", failure_remedy(penalty)
+        )
 
     if grad_weights is None:
         grad_weights = torch.zeros_like(weights)
@@ -565,7 +574,7 @@ def implicit_gradient(
         x, member, responsibilities, weights, means, variances, vector, penalty, soft
     )
     grad_x = stationarity_vjp(x, responsibilities, means, variances, solution, soft, lower_bound_scale)
-    return zero_failed_sets(grad_x, singular, "singular Hessian")
+    return zero_failed_sets(grad_x, singular, "singular Hessian", failure_remedy(penalty))
 
 
 class ImplicitEMFit(torch.autograd.Function):

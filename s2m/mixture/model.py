@@ -76,8 +76,13 @@ def mixture_log_prob(fit: GaussianMixtureFit, y: Tensor, y_mask: Tensor | None =
     Raises
     ------
     ValueError
-        If ``y`` does not match the fit in batch size, dimension, dtype or device.
+        If ``fit`` is not a fit, or ``y`` does not match it in batch size, dimension, dtype or device.
     """
+    if not isinstance(fit, GaussianMixtureFit):
+        raise ValueError(
+            f"fit must be a GaussianMixtureFit, as returned by fit_diagonal_gmm or fit_diagonal_gaussian, "
+            f"got {type(fit).__name__}."
+        )
     y, query = validate_points(y, y_mask, name="y", mask_name="y_mask", shape="(B, M, D)")
     batch_size, _, dim = fit.means.shape
     if y.shape[0] != batch_size or y.shape[2] != dim:

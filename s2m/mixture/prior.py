@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from s2m.mixture.checks import is_real
+
 #: Default prior variance per dimension, as a fraction of ``1 / D``. Unit vectors spread
 #: evenly over the sphere in R^D have a per-dimension variance of ``1 / D``, and a set of
 #: descriptors of one concept is tighter than that.
@@ -112,14 +114,14 @@ def resolve_penalty(
     variance = variance_prior.variance
     if variance is None:
         variance = DEFAULT_RELATIVE_VARIANCE / dim
-    if not (math.isfinite(variance) and variance > 0):
+    if not (is_real(variance) and math.isfinite(variance) and variance > 0):
         raise ValueError(
             f"variance_prior.variance must be a finite number > 0, got {variance_prior.variance!r}; "
             "pass None for the default 0.1 / D."
         )
 
     count = variance_prior.pseudo_count
-    if not (math.isfinite(count) and count > 0):
+    if not (is_real(count) and math.isfinite(count) and count > 0):
         raise ValueError(
             f"variance_prior.pseudo_count must be a finite number > 0, got {count!r}; "
             "without it a dimension with zero variance would get a zero variance. "
@@ -127,7 +129,7 @@ def resolve_penalty(
         )
 
     for name, value in (("mean_prior_count", mean_prior_count), ("weight_prior_count", weight_prior_count)):
-        if not (math.isfinite(value) and value >= 0):
+        if not (is_real(value) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
 
     return Penalty(float(variance), float(count), float(mean_prior_count), float(weight_prior_count))
