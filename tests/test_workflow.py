@@ -142,3 +142,17 @@ def test_config_change_reruns_affected_jobs(tiny_run, raw_data_dir, tmp_path):
     assert "rule table:" in output
     assert "rule meta_train:" not in output
     assert "rule evaluate:" not in output
+
+
+@pytest.mark.workflow
+def test_baseline_module_is_evaluation_input(tiny_run, raw_data_dir):
+    # Editing a baseline's module must rerun its evaluation, so the module is an input file.
+    target = "results-tiny/omniglot/aps/linear_svm.csv"
+    result = _run(
+        ["--cores", "2", "--dry-run", "--forcerun", target, "--configfile", str(REPOSITORY / "config" / "tiny.yaml")],
+        tiny_run.parent,
+        raw_data_dir,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert str(REPOSITORY / "baselines" / "linear_svm.py") in output

@@ -9,6 +9,7 @@ import pandas as pd
 
 from s2m.config import REPOSITORY_ROOT
 from s2m.pipeline.evaluation import method_label, method_names
+from s2m.problems import Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +61,13 @@ def table_step(
     if Path(written_csv) != Path(csv_path) or Path(written_md) != Path(markdown_path):
         raise RuntimeError(f"Tables written to {written_csv} and {written_md}, expected {csv_path} and {markdown_path}.")
 
-    noise_levels = {
-        name: protocol.get("noise_fraction", 0.0)
-        for name, protocol in protocols.items()
-        if protocol.get("categories_per_concept", 1) == 1
-    }
+    # The x value is the fraction actually replaced, round(noise_fraction * set_size) / set_size,
+    # which can differ from the fraction in the protocol's name.
+    noise_levels = {}
+    for name, options in protocols.items():
+        protocol = Protocol(name=name, **options)
+        if protocol.categories_per_concept == 1:
+            noise_levels[name] = protocol.n_noise / protocol.set_size
     plot_map_vs_noise(
         summary,
         noise_levels,

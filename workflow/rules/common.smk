@@ -43,6 +43,17 @@ def protocols(dataset):
     return list(config[dataset]["protocols"])
 
 
+def baseline_source(wildcards):
+    """The module that defines a baseline, as an input so that editing it reruns the baseline's evaluation."""
+    if wildcards.method not in config["baselines"]:
+        return []
+    import inspect
+
+    from baselines import discover_baselines
+
+    return inspect.getsourcefile(discover_baselines()[wildcards.method])
+
+
 def method_embedding(method):
     return "pretrained" if method in config["baselines"] else method
 

@@ -9,6 +9,7 @@ rule evaluate:
             f"{RESULTS}/{wildcards.dataset}/problems/{{protocol}}.json",
             protocol=protocols(wildcards.dataset),
         ),
+        code=baseline_source,
     output:
         f"{RESULTS}/{{dataset}}/aps/{{method}}.csv",
     params:
