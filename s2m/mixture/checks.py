@@ -56,6 +56,9 @@ def validate_points(
     ValueError
         If a shape, dtype or device does not match, or a member row is not finite or so large
         that its sum overflows.
+
+    NOTE: finite values whose squares overflow (above about 1.8e19 in float32) pass this
+    check, and a fit on them returns non-finite parameters.
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape {shape}, got {type(x).__name__}.")
