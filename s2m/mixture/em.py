@@ -189,7 +189,8 @@ class ExpandedComponents:
         """
         affected = torch.nonzero(selected.any(dim=-1)).flatten()
         selected = selected.index_select(0, affected)
-        error = (EXPANSION_ERROR_FACTOR * expansion_error(self.sum_scaled_mean_squares.index_select(0, affected))).unsqueeze(1)
+        sums = self.sum_scaled_mean_squares.index_select(0, affected)
+        error = (EXPANSION_ERROR_FACTOR * expansion_error(sums)).unsqueeze(1)
         error = torch.where(selected.unsqueeze(1), error, 0.0)
         affected_joint = joint.index_select(0, affected)
         floor = (affected_joint - error).amax(dim=-1, keepdim=True) - NEGLIGIBLE_LOG_RATIO
@@ -397,7 +398,7 @@ def explicit_variances(
     affected_responsibilities = responsibilities.index_select(0, affected)
     needed = (affected_responsibilities > 0) & selected.index_select(0, affected).unsqueeze(1)
     pair_sets, rows, components = torch.nonzero(needed, as_tuple=True)
-    weights = affected_responsibilities[pair_sets, rows, components]
+    pair_responsibilities = affected_responsibilities[pair_sets, rows, components]
     pair_sets = affected.index_select(0, pair_sets)
 
     # Position of each pair's component among the selected ones.
@@ -407,7 +408,7 @@ def explicit_variances(
 
     selected_means = means.flatten(0, 1).index_select(0, flat)
     point_rows = points.flatten(0, 1).index_select(0, pair_sets * n_points + rows)
-    weighted = weights.unsqueeze(-1) * (point_rows - selected_means.index_select(0, pair_slots)).square()
+    weighted = pair_responsibilities.unsqueeze(-1) * (point_rows - selected_means.index_select(0, pair_slots)).square()
     scatter = torch.zeros_like(selected_means).index_add(0, pair_slots, weighted)
 
     scatter = scatter + penalty.mean_count * selected_means.square()

@@ -266,10 +266,9 @@ def check_initial_parameters(init: tuple, x: Tensor, n_components: int) -> tuple
             raise ValueError(f"init {name} must be a tensor of shape {shape}, got {getattr(tensor, 'shape', tensor)}.")
         if tensor.dtype != x.dtype or tensor.device != x.device:
             raise ValueError(f"init {name} is {tensor.dtype} on {tensor.device}; convert it with .to(x).")
-
-    for name, tensor in zip(("weights", "means", "variances"), init):
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"init {name} contain NaN or infinite values; pass finite initial parameters.")
+
     weights, _, variances = init
     if not bool((weights > 0).all()) or not bool((variances > 0).all()):
         raise ValueError("init weights and variances must be strictly positive.")

@@ -76,7 +76,8 @@ def mixture_log_prob(fit: GaussianMixtureFit, y: Tensor, y_mask: Tensor | None =
     Raises
     ------
     ValueError
-        If ``fit`` is not a fit, or ``y`` does not match it in batch size, dimension, dtype or device.
+        If ``fit`` is not a GaussianMixtureFit, or ``y`` does not match it in batch size, dimension,
+        dtype or device.
     """
     if not isinstance(fit, GaussianMixtureFit):
         raise ValueError(
