@@ -348,11 +348,24 @@ def test_numpy_scalar_options_accepted():
     assert torch.equal(with_numpy.n_iter, with_python.n_iter)
 
 
-def test_overflowing_row_sums_raise():
-    x = torch.full((1, 4, 3), 3e38)
+@pytest.mark.parametrize("value", [3e38, 2e19])
+def test_overflowing_squares_raise(value):
+    x = clustered_sets(1, 4, 3, 2, seed=46, dtype=torch.float32)
+    x[0, 2, 1] = value
 
-    with pytest.raises(ValueError, match=r"finite values so large that their row sums overflow torch.float32"):
+    with pytest.raises(ValueError, match=r"finite values so large that their squares overflow torch.float32"):
         fit_diagonal_gmm(x, 2)
+
+
+def test_large_padding_passes_overflow_check():
+    x = clustered_sets(1, 4, 3, 2, seed=46, dtype=torch.float32)
+    x[0, 3] = 2e19
+    mask = torch.tensor([[True, True, True, False]])
+
+    fit = fit_diagonal_gmm(x, 2, mask)
+
+    assert bool(torch.isfinite(fit.means).all())
+    assert bool(torch.isfinite(fit.variances).all())
 
 
 def test_mixture_log_prob_rejects_mismatched_queries():

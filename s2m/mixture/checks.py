@@ -55,10 +55,7 @@ def validate_points(
     ------
     ValueError
         If a shape, dtype or device does not match, or a member row is not finite or so large
-        that its sum overflows.
-
-    NOTE: finite values whose squares overflow (above about 1.8e19 in float32) pass this
-    check, and a fit on them returns non-finite parameters.
+        that the sum of its squares overflows (values above about 1.8e19 in float32).
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape {shape}, got {type(x).__name__}.")
@@ -83,14 +80,14 @@ def validate_points(
             raise ValueError(f"{mask_name} is on {mask.device} but {name} is on {x.device}; move both to one device.")
         member_bool = mask
 
-    # A NaN or infinity makes its row sum non-finite. Summing first reads x once, where
-    # isfinite would write a full boolean copy.
-    finite_rows = torch.isfinite(x.sum(dim=-1)) | ~member_bool
+    # A NaN, an infinity or a value whose square overflows makes its row's 2-norm non-finite,
+    # because torch sums the squares without rescaling (checked with torch 2.13 on the CPU).
+    finite_rows = torch.isfinite(torch.linalg.vector_norm(x, dim=-1)) | ~member_bool
     if not bool(finite_rows.all()):
         finite_rows = torch.isfinite(x).all(dim=-1) | ~member_bool
         if bool(finite_rows.all()):
             raise ValueError(
-                f"{name} has finite values so large that their row sums overflow {x.dtype} (largest magnitude "
+                f"{name} has finite values so large that their squares overflow {x.dtype} (largest magnitude "
                 f"{x.abs().max().item():.3g}). Scale the descriptors down, for example by L2-normalising them."
             )
         bad_sets = torch.nonzero(~finite_rows.all(dim=-1)).flatten()
