@@ -7,6 +7,8 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
+from s2m.config import reorder_like_defaults
+
 min_version("8.0")
 
 
@@ -14,6 +16,7 @@ configfile: str(Path(workflow.basedir) / "config" / "config.yaml")
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
+reorder_like_defaults(config)
 
 
 include: "workflow/rules/common.smk"

@@ -32,6 +32,18 @@ def merge_configs(base: dict, override: dict) -> dict:
     return merged
 
 
+def reorder_like_defaults(config: dict) -> None:
+    """Reorder the keys of ``config`` in place, recursively, as they appear in ``config/config.yaml``.
+
+    Keys that the default config lacks follow in their own order. Snakemake puts the keys of
+    a ``--configfile`` before those of the Snakefile's own config file, and the order of
+    ``baselines`` and ``meta_trained`` is the order of the rows in the tables.
+    """
+    ordered = merge_configs(yaml.safe_load(DEFAULT_CONFIG_PATH.read_text()), config)
+    config.clear()
+    config.update(ordered)
+
+
 def validate_config(config: dict) -> dict:
     """Validate ``config`` against the schema, fill in defaults, and check cross-field rules.
 

@@ -1,6 +1,8 @@
 import pytest
 
-from s2m.config import ConfigError, load_config, merge_configs
+import yaml
+
+from s2m.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, merge_configs, reorder_like_defaults
 
 
 def test_default_config_is_valid():
@@ -19,6 +21,20 @@ def test_tiny_config_is_valid():
 def test_merge_is_recursive():
     merged = merge_configs({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 5}})
     assert merged == {"a": {"b": 5, "c": 2}, "d": 3}
+
+
+def test_reorder_restores_default_key_order():
+    default = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    override = {"extra": 1, "baselines": {"linear_svm": {"params": {"C": 2.0}}}}
+    # Snakemake starts from the --configfile, adds the Snakefile's config file, then the --configfile again.
+    config = merge_configs(merge_configs(override, default), override)
+
+    reorder_like_defaults(config)
+
+    assert list(config["baselines"]) == list(default["baselines"])
+    assert list(config)[: len(default)] == list(default)
+    assert list(config)[-1] == "extra"
+    assert config["baselines"]["linear_svm"]["params"]["C"] == 2.0
 
 
 @pytest.mark.parametrize(
