@@ -5,30 +5,9 @@ import torch
 from s2m.embeddings import BackboneHeadEmbedding, compute_descriptors, load_embedding, save_embedding
 from s2m.models.convnet import ConvNetEmbedding
 from s2m.set_models import SetModelSpec
-from s2m.training.metatrain import MetaTrainingOptions, ValidationProblems, meta_train, validation_map
+from s2m.training.metatrain import MetaTrainingOptions, meta_train, validation_map
 from s2m.training.pretrain import pretrain_classifier
-
-
-def _toy_images(n_concepts=6, per_concept=12, seed=0):
-    """Small images whose concept is a bright square at a concept-specific place."""
-    rng = np.random.default_rng(seed)
-    images = rng.uniform(0, 0.2, size=(n_concepts * per_concept, 1, 28, 28)).astype(np.float32)
-    labels = np.repeat(np.arange(n_concepts), per_concept)
-    for index, concept in enumerate(labels):
-        row, column = divmod(int(concept), 3)
-        images[index, 0, 4 + 8 * row : 10 + 8 * row, 2 + 8 * column : 8 + 8 * column] += 0.8
-    return torch.from_numpy(images), labels
-
-
-def _validation(inputs, labels, set_size=4):
-    concept_sets, gallery = [], []
-    for concept in np.unique(labels):
-        members = np.flatnonzero(labels == concept)
-        concept_sets.append(members[:set_size])
-        gallery.extend(members[set_size:])
-    gallery = np.asarray(gallery)
-    relevance = np.stack([labels[gallery] == c for c in np.unique(labels)])
-    return ValidationProblems(inputs, concept_sets, gallery, relevance)
+from toy_data import toy_images, toy_validation
 
 
 def test_convnet_output_is_unit_norm():
@@ -39,7 +18,7 @@ def test_convnet_output_is_unit_norm():
 
 
 def test_pretraining_learns_and_is_deterministic():
-    inputs, labels = _toy_images()
+    inputs, labels = toy_images()
     weights = []
     for _ in range(2):
         torch.manual_seed(123)
@@ -59,10 +38,10 @@ def test_pretraining_learns_and_is_deterministic():
     ids=["mean", "gaussian", "gmm"],
 )
 def test_meta_training_runs_and_keeps_best(spec):
-    inputs, labels = _toy_images()
+    inputs, labels = toy_images()
     torch.manual_seed(0)
     network = ConvNetEmbedding(channels=8, descriptor_dim=8)
-    validation = _validation(inputs, labels)
+    validation = toy_validation(inputs, labels)
     options = MetaTrainingOptions(
         steps=6, episodes_per_step=3, set_size=4, n_positives=4, n_negatives=8,
         learning_rate=0.01, validate_every=3, seed=0,
