@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import importlib.util
 import inspect
 import logging
 import pkgutil
@@ -141,6 +142,8 @@ def discover_baselines(package: str | ModuleType | None = None) -> dict[str, typ
 
     Raises
     ------
+    ImportError
+        If a public module fails to import. The message names its file.
     ValueError
         If a concrete subclass has no string ``name``, or two classes share a name.
     """
@@ -154,12 +157,25 @@ def discover_baselines(package: str | ModuleType | None = None) -> dict[str, typ
         if module_info.name.startswith("_"):
             continue
 
-        module = importlib.import_module(f"{package.__name__}.{module_info.name}")
+        module = _import_method_module(f"{package.__name__}.{module_info.name}")
         for cls in _methods_defined_in(module):
             _register(registry, cls)
 
     logger.debug("Discovered baselines in %s: %s", package.__name__, sorted(registry))
     return dict(sorted(registry.items()))
+
+
+def _import_method_module(module_name: str) -> ModuleType:
+    try:
+        return importlib.import_module(module_name)
+    except Exception as error:
+        spec = importlib.util.find_spec(module_name)
+        location = spec.origin if spec is not None else module_name
+        raise ImportError(
+            f"Baseline module {location} failed to import: {type(error).__name__}: {error}. "
+            f"Every public module of the package is imported to find the baselines, so fix the module, "
+            f"install what it needs, or rename it with a leading underscore to leave it out."
+        ) from error
 
 
 def _register(registry: dict[str, type[SetMethod]], cls: type[SetMethod]) -> None:

@@ -54,6 +54,10 @@ SUMMARY_COLUMNS = [
 ]
 
 _VERSIONED_PACKAGES = ("s2m", "torch", "numpy", "scikit-learn", "pandas")
+
+#: Top-level repository paths that hold code. An untracked file there (a new baseline module)
+#: changes what runs, while one elsewhere (a scratch results folder) does not.
+CODE_PATHS = ("s2m", "baselines", "workflow", "Snakefile", "pyproject.toml")
 _GIT_TIMEOUT_S = 30
 
 
@@ -337,6 +341,22 @@ def _path_inside(repo_dir: Path, path: Path) -> str | None:
         return None
 
 
+def _changes_code(status: str) -> bool:
+    """Tell whether ``git status --porcelain -z`` output lists a tracked change or an untracked file under :data:`CODE_PATHS`."""
+    for entry in status.split("\0"):
+        if not entry:
+            continue
+
+        # Each entry is two status letters, a space and a path relative to the repository root.
+        # A rename is followed by an entry with its old path alone, which the return skips.
+        code, path = entry[:2], entry[3:]
+        if code != "??":
+            return True
+        if path.split("/", 1)[0] in CODE_PATHS:
+            return True
+    return False
+
+
 def _run_git(repo_dir: Path, *arguments: str) -> str | None:
     """Return the stdout of a git command in ``repo_dir``, or None if git is missing or fails."""
     try:
@@ -401,9 +421,9 @@ def provenance(config: Mapping[str, Any], repo_dir: str | os.PathLike) -> dict[s
     Returns
     -------
     info : dict
-        ``git_commit`` (str), ``git_dirty`` (bool or None: True if
-        ``git status --porcelain`` lists changed or untracked files outside
-        the config's ``results_dir``, whose outputs do not change the code),
+        ``git_commit`` (str), ``git_dirty`` (bool or None: True if a tracked
+        file outside the config's ``results_dir`` differs from the commit, or an
+        untracked file that git does not ignore lies under :data:`CODE_PATHS`),
         ``config_sha256`` (str, see :func:`config_sha256`), ``created_utc``
         (ISO 8601 str) and ``versions`` (dict of package name to version).
     """
@@ -415,11 +435,11 @@ def provenance(config: Mapping[str, Any], repo_dir: str | os.PathLike) -> dict[s
         results_inside = _path_inside(repo_dir, Path(config.get("results_dir", "results")))
         if results_inside is not None:
             pathspecs.append(f":(exclude){results_inside}")
-        status = _run_git(repo_dir, "status", "--porcelain", "--", *pathspecs)
+        status = _run_git(repo_dir, "status", "--porcelain", "-z", "--", *pathspecs)
 
     return {
         "git_commit": commit.strip() if commit is not None else "unknown",
-        "git_dirty": bool(status.strip()) if status is not None else None,
+        "git_dirty": _changes_code(status) if status is not None else None,
         "config_sha256": config_sha256(config),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {package: _package_version(package) for package in _VERSIONED_PACKAGES},

@@ -119,6 +119,27 @@ def test_discovery_skips_private_and_imported(tmp_path, monkeypatch):
             sys.modules.pop(module, None)
 
 
+@pytest.mark.parametrize(
+    "source, error",
+    [("import no_such_package_for_s2m\n", "ModuleNotFoundError"), ("def broken(:\n", "SyntaxError")],
+    ids=["missing-import", "syntax-error"],
+)
+def test_discovery_names_module_that_fails(tmp_path, monkeypatch, source, error):
+    package = tmp_path / "broken_methods"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "broken.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    try:
+        with pytest.raises(ImportError, match=rf"broken_methods/broken.py failed to import: {error}") as raised:
+            discover_baselines("broken_methods")
+    finally:
+        for module in ("broken_methods", "broken_methods.broken"):
+            sys.modules.pop(module, None)
+    assert "leading underscore" in str(raised.value)
+
+
 def test_get_baseline_unknown_name():
     with pytest.raises(ValueError, match="Unknown baseline 'nope'") as error:
         get_baseline("nope")

@@ -171,7 +171,29 @@ def test_failure_remedy_depends_on_priors():
     zero_weight = resolve_penalty(3, PRIOR, 0.01, 0.0)
 
     assert "backward='unrolled'" in failure_remedy(positive)
+    assert "backward='implicit'" in failure_remedy(positive, "unrolled")
     assert "Raise mean_prior_count and weight_prior_count" in failure_remedy(zero_weight)
+    assert "Raise mean_prior_count and weight_prior_count" in failure_remedy(zero_weight, "unrolled")
+
+
+def test_unrolled_empty_component_zeroes_gradient():
+    # Five copies of one point and one other point: with K = 3 one component ends with no
+    # points, and without a weight prior its weight is exactly 0.
+    duplicates = torch.tensor([[0.1, 0.2, 0.3]] * 5 + [[0.5, -0.2, 0.1]], dtype=torch.float64)
+    x = torch.stack([duplicates, clustered_sets(1, 6, 3, 3, seed=47)[0]]).requires_grad_(True)
+    queries = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(48), dtype=torch.float64)
+    options = dict(backward="unrolled", weight_prior_count=0.0)
+
+    fit = fit_diagonal_gmm(x, 3, **options)
+    with pytest.warns(RuntimeWarning, match=r"unrolled gradient of 1 of 2 sets \[0\] is not finite") as record:
+        _, gradient = loss_and_gradient(x, fit, queries)
+    alone = x[1:].detach().clone().requires_grad_(True)
+    _, gradient_alone = loss_and_gradient(alone, fit_diagonal_gmm(alone, 3, **options), queries[1:])
+
+    assert fit.weights[0].min().item() == 0.0
+    assert "Raise mean_prior_count and weight_prior_count above 0" in str(record[0].message)
+    assert torch.equal(gradient[0], torch.zeros(6, 3, dtype=torch.float64))
+    torch.testing.assert_close(gradient[1], gradient_alone[0], rtol=1e-12, atol=1e-14)
 
 
 NEAR_FLAT = dict(variance_prior=VariancePrior(variance=1.0, pseudo_count=1e-10), mean_prior_count=0.0, weight_prior_count=0.0)

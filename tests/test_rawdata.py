@@ -67,6 +67,23 @@ def test_resolve_unset_raises(monkeypatch):
         rawdata.resolve_raw_data_dir(None)
 
 
+@pytest.mark.parametrize("value", ["", "  ", None])
+def test_pipeline_empty_config_entry_raises(monkeypatch, value):
+    from s2m.pipeline.common import raw_data_dir
+
+    monkeypatch.delenv(rawdata.RAW_DATA_ENV_VAR, raising=False)
+    with pytest.raises(ValueError, match="No raw-data folder is set"):
+        raw_data_dir({"raw_data_dir": value})
+
+
+def test_pipeline_relative_entry_uses_repository_root(tmp_path, monkeypatch):
+    from s2m.pipeline.common import REPOSITORY_ROOT, raw_data_dir
+
+    monkeypatch.delenv(rawdata.RAW_DATA_ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert raw_data_dir({"raw_data_dir": "s2m"}) == (REPOSITORY_ROOT / "s2m").resolve()
+
+
 def test_sha256sum_known_value(tmp_path):
     path = tmp_path / "abc.txt"
     path.write_bytes(b"abc")

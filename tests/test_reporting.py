@@ -241,3 +241,24 @@ def test_provenance_excludes_only_inner_results(tmp_path, monkeypatch):
     assert clean_outside["git_dirty"] is False
     assert dirty_outside["git_dirty"] is True
     assert clean_inside["git_dirty"] is False
+
+
+def test_provenance_counts_untracked_code_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    _git(tmp_path, "init", "--quiet")
+    (tmp_path / "baselines").mkdir()
+    (tmp_path / "baselines" / "mean_embedding.py").write_text("NAME = 'mean'\n")
+    _git(tmp_path, "add", "baselines")
+    _git(tmp_path, "-c", "user.name=Test", "-c", "user.email=test@example.com", "commit", "--quiet", "-m", "Add code")
+    monkeypatch.chdir(tmp_path)
+
+    (tmp_path / "results-mine").mkdir()
+    (tmp_path / "results-mine" / "table.md").write_text("table\n")
+    (tmp_path / "notes with spaces.txt").write_text("notes\n")
+    with_scratch = provenance({"results_dir": "results"}, tmp_path)
+    (tmp_path / "baselines" / "my_method.py").write_text("NAME = 'mine'\n")
+    with_new_module = provenance({"results_dir": "results"}, tmp_path)
+
+    assert with_scratch["git_dirty"] is False
+    assert with_new_module["git_dirty"] is True

@@ -127,10 +127,40 @@ def test_missing_raw_data_stops_workflow(tmp_path):
     assert "S2M_RAW_DATA" in log
 
 
+def _scheduled_outputs(output):
+    """Collect the output files of the jobs that a dry run lists."""
+    files = set()
+    for line in output.splitlines():
+        if line.strip().startswith("output:"):
+            files.update(path.strip() for path in line.split(":", 1)[1].split(","))
+    return files
+
+
 @pytest.mark.workflow
-def test_config_change_reruns_affected_jobs(tiny_run, raw_data_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("change", "rerun", "kept"),
+    [
+        (
+            "evaluation:\n  n_bootstrap: 300\n",
+            ["tables/omniglot.csv", "report.md"],
+            ["omniglot/models/s2m_gmm_k2.pt", "omniglot/aps/linear_svm.csv"],
+        ),
+        (
+            "meta_trained:\n  s2m_gauss: {label: Gauss renamed}\n",
+            ["tables/omniglot.csv", "tables/caltech101.csv"],
+            ["omniglot/models/s2m_gauss.pt", "omniglot/aps/s2m_gauss.csv"],
+        ),
+        (
+            "mixture:\n  max_iter: 31\n",
+            ["omniglot/models/s2m_gmm_k2.pt", "caltech101/aps/s2m_gmm_k4.csv", "tables/omniglot.csv"],
+            ["omniglot/models/s2m_gauss.pt", "caltech101/models/avg.pt", "omniglot/aps/linear_svm.csv", "omniglot/aps/gmm.csv"],
+        ),
+    ],
+    ids=["evaluation", "label", "mixture"],
+)
+def test_config_change_reruns_affected_jobs(tiny_run, raw_data_dir, tmp_path, change, rerun, kept):
     changed = tmp_path / "changed.yaml"
-    changed.write_text("evaluation:\n  n_bootstrap: 300\n")
+    changed.write_text(change)
     result = _run(
         ["--cores", "2", "--dry-run", "--configfile", str(REPOSITORY / "config" / "tiny.yaml"), str(changed)],
         tiny_run.parent,
@@ -138,10 +168,12 @@ def test_config_change_reruns_affected_jobs(tiny_run, raw_data_dir, tmp_path):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert "Nothing to be done" not in output
-    assert "rule table:" in output
-    assert "rule meta_train:" not in output
-    assert "rule evaluate:" not in output
+
+    scheduled = _scheduled_outputs(output)
+    for path in rerun:
+        assert f"results-tiny/{path}" in scheduled
+    for path in kept:
+        assert f"results-tiny/{path}" not in scheduled
 
 
 @pytest.mark.workflow

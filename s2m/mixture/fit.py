@@ -14,7 +14,7 @@ from torch import Tensor
 
 from s2m.mixture.checks import is_integer, is_real, list_sets, validate_points
 from s2m.mixture.em import PointFeatures, e_step, initial_parameters, point_features, run_em
-from s2m.mixture.implicit import ImplicitEMFit
+from s2m.mixture.implicit import FiniteSetGradients, ImplicitEMFit
 from s2m.mixture.model import GaussianMixtureFit
 from s2m.mixture.prior import Penalty, VariancePrior, resolve_penalty
 
@@ -177,7 +177,10 @@ def fit_diagonal_gmm(
         conditions (implicit function theorem, structured Woodbury solve). It is exact at
         an exact stationary point. Its error grows with the size of the last EM step, so
         lower ``tol`` where gradients must be accurate. "unrolled" differentiates through
-        the EM iterations with autograd.
+        the EM iterations with autograd. With either mode, a set whose gradient is not
+        finite (a component without points under zero prior counts, say) gets a zero
+        gradient and a ``RuntimeWarning`` naming it. The implicit backward pass is not
+        itself differentiable, so it gives no second derivatives.
     variance_prior : VariancePrior
         :math:`v_0` and :math:`n_0`. The default :math:`v_0` is ``0.1 / D``.
     mean_prior_count : float
@@ -212,6 +215,8 @@ def fit_diagonal_gmm(
         weights, means, variances, lower_bound, converged, n_iter = outputs
         fit = GaussianMixtureFit(weights, means, variances, converged, n_iter, lower_bound)
     else:
+        if x.requires_grad:
+            x = FiniteSetGradients.apply(x, penalty)
         features = point_features(x)
         if start is None:
             start = initial_parameters(x, member, n_components, seed, penalty, features)

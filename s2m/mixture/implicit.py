@@ -483,15 +483,19 @@ def mix_affine_terms(x: Tensor, responsibilities: Tensor, constant: Tensor, line
     return gradient.addcmul_(x, weighted_linear, value=-1.0)
 
 
-def failure_remedy(penalty: Penalty) -> str:
-    """Suggest how to avoid a non-finite implicit gradient under ``penalty``."""
+def failure_remedy(penalty: Penalty, backward: str = "implicit") -> str:
+    """Suggest how to avoid a non-finite gradient of the ``backward`` mode under ``penalty``."""
     if penalty.mean_count == 0 or penalty.weight_count == 0:
-        # Unrolled EM divides by the same zero counts, so it would not help here.
+        # Both modes divide by the same zero counts, so switching modes would not help here.
         return "Raise mean_prior_count and weight_prior_count above 0, so that components without points stay defined."
-    return "Use backward='unrolled', which does not solve with the Hessian."
+    if backward == "implicit":
+        return "Use backward='unrolled', which does not solve with the Hessian."
+    return "Use backward='implicit', or check the points for values large enough to overflow."
 
 
-def zero_failed_sets(grad_x: Tensor, failed: Tensor | None, reason: str, remedy: str) -> Tensor:
+def zero_failed_sets(
+    grad_x: Tensor, failed: Tensor | None, reason: str, remedy: str, backward: str = "implicit"
+) -> Tensor:
     """Replace the gradient of failed sets by zeros, with a warning and a log line naming them.
 
     A set fails when ``failed`` flags it or its gradient has a NaN or infinite entry, which
@@ -508,7 +512,7 @@ def zero_failed_sets(grad_x: Tensor, failed: Tensor | None, reason: str, remedy:
 
     sets = list_sets(torch.nonzero(failed).flatten())
     message = (
-        f"The implicit gradient of {int(failed.sum())} of {failed.numel()} sets {sets} is not finite "
+        f"The {backward} gradient of {int(failed.sum())} of {failed.numel()} sets {sets} is not finite "
         f"({reason}); their gradient is set to zero. {remedy}"
     )
     logger.warning(message)
@@ -575,6 +579,26 @@ def implicit_gradient(
     )
     grad_x = stationarity_vjp(x, responsibilities, means, variances, solution, soft, lower_bound_scale)
     return zero_failed_sets(grad_x, singular, "singular Hessian", failure_remedy(penalty))
+
+
+class FiniteSetGradients(torch.autograd.Function):
+    """Identity on a batch of sets (B, N, D) whose backward pass zeroes the gradient of sets where it is not finite.
+
+    Wraps the points before unrolled EM, so that a non-finite gradient of a set gets the same
+    treatment as in the implicit backward: zeros and a ``RuntimeWarning`` naming the set.
+    Inputs: ``x`` and a :class:`Penalty`, which picks the remedy that the warning suggests.
+    """
+
+    @staticmethod
+    def forward(ctx, x, penalty):
+        ctx.penalty = penalty
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        reason = "a component without points and a prior count of 0, or overflow"
+        remedy = failure_remedy(ctx.penalty, "unrolled")
+        return zero_failed_sets(grad_x, None, reason, remedy, backward="unrolled"), None
 
 
 class ImplicitEMFit(torch.autograd.Function):

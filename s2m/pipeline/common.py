@@ -40,10 +40,14 @@ def raw_data_dir(config: dict) -> Path:
     """Return the raw-data folder: S2M_RAW_DATA, else the config entry taken from the repository root."""
     from s2m.rawdata import resolve_raw_data_dir
 
-    configured = Path(config["raw_data_dir"])
-    if not configured.is_absolute():
-        configured = REPOSITORY_ROOT / configured
-    return resolve_raw_data_dir(str(configured))
+    configured = str(config.get("raw_data_dir") or "").strip()
+    if not configured:
+        return resolve_raw_data_dir(None)
+
+    path = Path(configured).expanduser()
+    if not path.is_absolute():
+        path = REPOSITORY_ROOT / path
+    return resolve_raw_data_dir(path)
 
 
 def run_step(log_path: str | Path | None, step, *args, **kwargs):

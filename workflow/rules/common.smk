@@ -58,11 +58,20 @@ def method_embedding(method):
     return "pretrained" if method in config["baselines"] else method
 
 
-def settings(*parts):
+def uses_mixture(method):
+    """The config path "mixture" for a meta-trained variant whose set model is a mixture, else None."""
+    entry = config["meta_trained"].get(method, {})
+    return "mixture" if entry.get("set_model") == "gmm" else None
+
+
+def settings(*parts, labels=False):
     """Canonical JSON of the config entries a job reads.
 
     Passed as a rule parameter, so that Snakemake's params rerun trigger reruns
-    a job, and everything after it, when one of these entries changes.
+    a job, and everything after it, when one of these entries changes. A part is
+    a dotted config path with wildcards, or a function of the wildcards that
+    returns such a path or None. The methods' display labels are left out
+    unless ``labels`` is True, because only the tables and the report show them.
     """
     import json
 
@@ -70,10 +79,12 @@ def settings(*parts):
         value = config
         for key in path.split("."):
             value = value.get(key, {}) if isinstance(value, dict) else {}
+        if isinstance(value, dict) and not labels:
+            value = {key: entry for key, entry in value.items() if key != "label"}
         return value
 
     def render(wildcards):
-        paths = [part.format(**dict(wildcards.items())) for part in parts]
-        return json.dumps({path: lookup(path) for path in paths}, sort_keys=True)
+        paths = [part(wildcards) if callable(part) else part.format(**dict(wildcards.items())) for part in parts]
+        return json.dumps({path: lookup(path) for path in paths if path is not None}, sort_keys=True)
 
     return render

@@ -6,7 +6,7 @@ rule build_dataset:
         f"{RESULTS}/{{dataset}}/dataset/manifest.json",
     params:
         out_dir=lambda wildcards: dataset_dir(wildcards.dataset),
-        settings=settings("{dataset}.build", "seed", "download"),
+        settings=settings("{dataset}.build", "seed"),
     log:
         f"{RESULTS}/logs/build_dataset/{{dataset}}.log",
     benchmark:

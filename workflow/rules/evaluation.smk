@@ -14,7 +14,9 @@ rule evaluate:
         f"{RESULTS}/{{dataset}}/aps/{{method}}.csv",
     params:
         dataset_dir=lambda wildcards: dataset_dir(wildcards.dataset),
-        settings=settings("baselines.{method}", "meta_trained.{method}", "mixture", "seed"),
+        settings=settings(
+            "baselines.{method}", "meta_trained.{method}", lambda wildcards: uses_mixture(wildcards.method), "seed"
+        ),
     threads: 1
     log:
         f"{RESULTS}/logs/evaluate/{{dataset}}/{{method}}.log",

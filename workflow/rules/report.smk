@@ -12,7 +12,7 @@ rule table:
         markdown=f"{RESULTS}/tables/{{dataset}}.md",
         figure=f"{RESULTS}/figures/{{dataset}}_map_vs_noise.png",
     params:
-        settings=settings("evaluation", "baselines", "meta_trained", "{dataset}.protocols"),
+        settings=settings("evaluation", "baselines", "meta_trained", "{dataset}.protocols", labels=True),
     log:
         f"{RESULTS}/logs/table/{{dataset}}.log",
     benchmark:

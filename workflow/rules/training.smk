@@ -46,7 +46,13 @@ rule meta_train:
         history=f"{RESULTS}/{{dataset}}/models/{{variant}}_history.csv",
     params:
         dataset_dir=lambda wildcards: dataset_dir(wildcards.dataset),
-        settings=settings("{dataset}.meta_training", "meta_trained.{variant}", "mixture", "seed", "device"),
+        settings=settings(
+            "{dataset}.meta_training",
+            "meta_trained.{variant}",
+            lambda wildcards: uses_mixture(wildcards.variant),
+            "seed",
+            "device",
+        ),
     threads: THREADS
     log:
         f"{RESULTS}/logs/meta_train/{{dataset}}/{{variant}}.log",
