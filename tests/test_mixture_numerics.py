@@ -321,6 +321,8 @@ def test_nan_padding_is_ignored_and_nan_member_rejected():
         (dict(variance_prior=VariancePrior(variance="a")), r"variance_prior.variance must be .* got 'a'"),
         (dict(tol=True), r"tol must be a number >= 0, got True"),
         (dict(n_components=2.0), r"n_components must be an int >= 1, got 2.0"),
+        (dict(seed=2**70), r"seed must be an int from 0 to 2\*\*64 - 1, got 1180591620717411303424"),
+        (dict(seed=-1), r"seed must be an int from 0 to 2\*\*64 - 1, got -1"),
     ],
 )
 def test_invalid_options_raise(arguments, message):
@@ -338,7 +340,8 @@ def test_invalid_options_raise(arguments, message):
         (torch.zeros(6, 3), None, r"x must have shape \(B, N, D\), got shape \(6, 3\)"),
         (torch.zeros(2, 6, 3, dtype=torch.int64), None, r"x must be float32 or float64, got torch.int64"),
         (torch.zeros(2, 6, 3), torch.ones(2, 5, dtype=torch.bool), r"mask must have shape \(2, 6\)"),
-        (torch.zeros(2, 6, 3), torch.ones(2, 6), r"mask must be a bool tensor"),
+        (torch.zeros(2, 6, 3), torch.ones(2, 6), r"mask must be a bool tensor .* got torch.float32"),
+        (torch.zeros(2, 6, 3), np.ones((2, 6), dtype=bool), r"got ndarray; convert it with torch.as_tensor"),
     ],
 )
 def test_invalid_points_raise(x, mask, message):

@@ -292,7 +292,7 @@ def test_torchvision_missing_raises_runtime_error(monkeypatch):
     # A None entry in sys.modules makes `import torchvision` raise ImportError.
     monkeypatch.setitem(sys.modules, "torchvision", None)
 
-    with pytest.raises(RuntimeError, match="backbone: tflite"):
+    with pytest.raises(RuntimeError, match="caltech101.backbone.kind: tflite"):
         load_torchvision_mobilenet_v2()
 
 

@@ -84,6 +84,59 @@ def test_pipeline_relative_entry_uses_repository_root(tmp_path, monkeypatch):
     assert raw_data_dir({"raw_data_dir": "s2m"}) == (REPOSITORY_ROOT / "s2m").resolve()
 
 
+def test_tflite_model_downloaded_when_missing(tmp_path, monkeypatch):
+    from s2m.pipeline import backbone
+
+    source = tmp_path / "source.tflite"
+    source.write_bytes(b"model bytes")
+    monkeypatch.setattr(backbone, "TFLITE_URL", source.as_uri())
+    monkeypatch.setattr(backbone, "TFLITE_SHA256", hashlib.sha256(b"model bytes").hexdigest())
+    monkeypatch.delenv(rawdata.RAW_DATA_ENV_VAR, raising=False)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+
+    path = backbone.tflite_model_path({"raw_data_dir": str(raw), "download": True})
+
+    assert path == raw / "mobilenet_v2" / "mobilenet_v2_1.0_224_quant.tflite"
+    assert path.read_bytes() == b"model bytes"
+
+
+def test_tflite_model_missing_names_remedy(tmp_path, monkeypatch):
+    from s2m.pipeline import backbone
+
+    monkeypatch.delenv(rawdata.RAW_DATA_ENV_VAR, raising=False)
+
+    with pytest.raises(FileNotFoundError, match=r"mobilenet_v2_1.0_224_quant.tflite not found.*download: true"):
+        backbone.tflite_model_path({"raw_data_dir": str(tmp_path), "download": False})
+
+
+def test_tflite_model_other_digest_warns(tmp_path, monkeypatch, caplog):
+    from s2m.pipeline import backbone
+
+    monkeypatch.delenv(rawdata.RAW_DATA_ENV_VAR, raising=False)
+    model = tmp_path / "mobilenet_v2" / "mobilenet_v2_1.0_224_quant.tflite"
+    model.parent.mkdir()
+    model.write_bytes(b"another model")
+
+    with caplog.at_level("WARNING", logger="s2m.pipeline.backbone"):
+        path = backbone.tflite_model_path({"raw_data_dir": str(tmp_path), "download": False})
+
+    assert path == model
+    assert "not the expected" in caplog.text
+
+
+def test_tflite_model_checksum_matches_mirror(raw_data_dir, monkeypatch, caplog):
+    from s2m.pipeline import backbone
+
+    monkeypatch.setenv(rawdata.RAW_DATA_ENV_VAR, str(raw_data_dir))
+
+    with caplog.at_level("WARNING", logger="s2m.pipeline.backbone"):
+        path = backbone.tflite_model_path({"raw_data_dir": "unused", "download": False})
+
+    assert path == raw_data_dir.resolve() / "mobilenet_v2" / "mobilenet_v2_1.0_224_quant.tflite"
+    assert "not the expected" not in caplog.text
+
+
 def test_sha256sum_known_value(tmp_path):
     path = tmp_path / "abc.txt"
     path.write_bytes(b"abc")

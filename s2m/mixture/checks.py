@@ -72,8 +72,13 @@ def validate_points(
     if mask is None:
         member_bool = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     else:
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise ValueError(f"{mask_name} must be a bool tensor (True for members), got {getattr(mask, 'dtype', type(mask))}.")
+        if not isinstance(mask, Tensor):
+            raise ValueError(
+                f"{mask_name} must be a bool torch.Tensor (True for members), got {type(mask).__name__}; "
+                f"convert it with torch.as_tensor({mask_name}, dtype=torch.bool, device={name}.device)."
+            )
+        if mask.dtype != torch.bool:
+            raise ValueError(f"{mask_name} must be a bool tensor (True for members), got {mask.dtype}.")
         if mask.shape != x.shape[:2]:
             raise ValueError(f"{mask_name} must have shape {tuple(x.shape[:2])} to match {name}, got {tuple(mask.shape)}.")
         if mask.device != x.device:

@@ -237,8 +237,8 @@ def check_fit_options(n_components: int, max_iter: int, tol: float, seed: int, b
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}.")
     if not (is_real(tol) and tol >= 0):
         raise ValueError(f"tol must be a number >= 0, got {tol!r}.")
-    if not is_integer(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}.")
+    if not is_integer(seed) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int from 0 to 2**64 - 1, got {seed!r}.")
     if backward not in BACKWARD_MODES:
         raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}.")
 

@@ -78,6 +78,9 @@ def mixture_log_prob(fit: GaussianMixtureFit, y: Tensor, y_mask: Tensor | None =
     ValueError
         If ``fit`` is not a GaussianMixtureFit, or ``y`` does not match it in batch size, dimension,
         dtype or device.
+
+    NOTE: the fit's parameters are not checked, to spare a pass and a device synchronisation
+    per call. A hand-built fit with variances that are not positive gives NaN scores.
     """
     if not isinstance(fit, GaussianMixtureFit):
         raise ValueError(

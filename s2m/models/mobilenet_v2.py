@@ -506,7 +506,7 @@ def load_torchvision_mobilenet_v2() -> TorchvisionMobileNetV2:
 
     Raises:
         RuntimeError: torchvision cannot be imported or the weights cannot be
-            downloaded. The TFLite backbone (config ``backbone: tflite``) needs neither.
+            downloaded. The TFLite backbone (config ``caltech101.backbone.kind: tflite``) needs neither.
     """
     # NOTE: untested, because torchvision does not import beside the pinned
     # torch here and there is no network access to fetch its weights.
@@ -515,7 +515,7 @@ def load_torchvision_mobilenet_v2() -> TorchvisionMobileNetV2:
     except (ImportError, RuntimeError) as error:
         raise RuntimeError(
             f"torchvision is not available ({error}). Install a torchvision matching "
-            f"torch {torch.__version__}, or use the TFLite backbone (config `backbone: tflite`)."
+            f"torch {torch.__version__}, or use the TFLite backbone (config `caltech101.backbone.kind: tflite`)."
         ) from error
 
     try:
@@ -524,7 +524,7 @@ def load_torchvision_mobilenet_v2() -> TorchvisionMobileNetV2:
         raise RuntimeError(
             f"failed to load the torchvision MobileNetV2 ImageNet weights ({error}). "
             "Check the network connection or the torch hub cache, or use the TFLite "
-            "backbone (config `backbone: tflite`)."
+            "backbone (config `caltech101.backbone.kind: tflite`)."
         ) from error
 
     return TorchvisionMobileNetV2(network)

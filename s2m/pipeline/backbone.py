@@ -13,12 +13,56 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from s2m.pipeline.common import raw_data_dir, seed_everything
+from s2m import rawdata
 from s2m.device import configure_threads, select_device
+from s2m.pipeline.common import raw_data_dir, seed_everything
 
 logger = logging.getLogger(__name__)
 
 TFLITE_FILE = Path("mobilenet_v2") / "mobilenet_v2_1.0_224_quant.tflite"
+
+#: The quantised MobileNetV2 of the Coral test data, at a fixed commit of its repository.
+TFLITE_URL = (
+    "https://raw.githubusercontent.com/google-coral/test_data/"
+    "104342d2d3480b3e66203073dac24f4e2dbb4c41/mobilenet_v2_1.0_224_quant.tflite"
+)
+#: SHA-256 of the raw-data mirror's copy, which a download must match.
+TFLITE_SHA256 = "7aad0c74c5e3c06e5eb3c827e13304fdd68a83da6087d92ee169c24ff9fd4776"
+
+
+def tflite_model_path(config: dict) -> Path:
+    """Return the MobileNetV2 TFLite file of the raw-data folder, checking its SHA-256.
+
+    With ``download: true`` in the config, a missing file, or one with another digest, is
+    fetched from :data:`TFLITE_URL` first. Without it, a file with another digest is used
+    with a logged warning, as the dataset builders do with their inputs.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file is missing and ``download`` is false.
+    """
+    path = raw_data_dir(config) / TFLITE_FILE
+    if config.get("download", False):
+        return rawdata.download(TFLITE_URL, path, TFLITE_SHA256, "sha256")
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"MobileNetV2 model {path} not found. Copy mobilenet_v2_1.0_224_quant.tflite into "
+            f"mobilenet_v2/ of the raw-data folder, or set `download: true` in the config to fetch it "
+            f"from {TFLITE_URL}."
+        )
+    digest = rawdata.file_digest(path, "sha256")
+    if digest != TFLITE_SHA256:
+        logger.warning(
+            "%s has SHA-256 %s, not the expected %s, so the descriptors may differ from the committed "
+            "results. Replace it with the file from %s, or set `download: true` to fetch it.",
+            path,
+            digest,
+            TFLITE_SHA256,
+            TFLITE_URL,
+        )
+    return path
 
 
 def load_backbone(config: dict, kind: str) -> torch.nn.Module:
@@ -26,7 +70,7 @@ def load_backbone(config: dict, kind: str) -> torch.nn.Module:
     from s2m.models import mobilenet_v2
 
     if kind == "tflite":
-        return mobilenet_v2.load_mobilenet_v2_tflite(raw_data_dir(config) / TFLITE_FILE)
+        return mobilenet_v2.load_mobilenet_v2_tflite(tflite_model_path(config))
     return mobilenet_v2.load_torchvision_mobilenet_v2()
 
 

@@ -17,7 +17,7 @@ from s2m.embeddings import (
     load_network_inputs,
     save_embedding,
 )
-from s2m.pipeline.common import raw_data_dir, seed_everything
+from s2m.pipeline.common import seed_everything
 from s2m.problems import Protocol, make_problem_set
 from s2m.set_models import SetModelSpec
 from s2m.training.metatrain import MetaTrainingOptions, ValidationProblems, meta_train
@@ -37,9 +37,10 @@ def embedding_spec(config: dict, dataset: str) -> dict:
     unfreeze = backbone.get("unfreeze_last_blocks", 0)
     if unfreeze:
         from s2m.models.mobilenet_v2 import N_BLOCKS
+        from s2m.pipeline.backbone import tflite_model_path
 
         spec["start_block"] = N_BLOCKS - unfreeze
-        spec["tflite_path"] = str(raw_data_dir(config) / "mobilenet_v2" / "mobilenet_v2_1.0_224_quant.tflite")
+        spec["tflite_path"] = str(tflite_model_path(config))
     return spec
 
 
@@ -127,7 +128,7 @@ def _validation_problems(
         noise_fraction=options.get("noise_fraction", 0.0),
     )
     problem_set = make_problem_set(sub_table, protocol, seed=config["seed"])
-    rows = torch.as_tensor(validation["image_id"].to_numpy())
+    rows = torch.tensor(validation["image_id"].to_numpy(), dtype=torch.int64)
     return ValidationProblems(
         inputs=inputs[rows],
         concept_sets=[p.concept_set for p in problem_set.problems],
