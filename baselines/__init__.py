@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import logging
 import pkgutil
+import traceback
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, ClassVar
@@ -171,11 +172,21 @@ def _import_method_module(module_name: str) -> ModuleType:
     except Exception as error:
         spec = importlib.util.find_spec(module_name)
         location = spec.origin if spec is not None else module_name
+        line = _failing_line(error, location)
+        where = location if line is None else f"{location}, line {line},"
         raise ImportError(
-            f"Baseline module {location} failed to import: {type(error).__name__}: {error}. "
+            f"Baseline module {where} failed to import: {type(error).__name__}: {error}. "
             f"Every public module of the package is imported to find the baselines, so fix the module, "
             f"install what it needs, or rename it with a leading underscore to leave it out."
         ) from error
+
+
+def _failing_line(error: Exception, path: str) -> int | None:
+    """Return the line of ``path`` where ``error`` was raised or its syntax error lies, or None."""
+    if isinstance(error, SyntaxError) and error.filename == path:
+        return error.lineno
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == path]
+    return frames[-1].lineno if frames else None
 
 
 def _register(registry: dict[str, type[SetMethod]], cls: type[SetMethod]) -> None:

@@ -557,13 +557,26 @@ def backward_table(rows: list[dict], plan: Plan) -> list[str]:
     return lines
 
 
+def measurement_command(argv: list[str]) -> str:
+    """Return the command line that reproduces the measurements, without the ``--output`` file it wrote to."""
+    measurement_arguments, skip_next = [], False
+    for argument in argv:
+        if skip_next:
+            skip_next = False
+        elif argument == "--output":
+            skip_next = True
+        elif not argument.startswith("--output="):
+            measurement_arguments.append(argument)
+    return "python " + " ".join(shlex.quote(argument) for argument in measurement_arguments)
+
+
 def build_section(plan: Plan, settings: Settings, forward_rows, backward_rows, elapsed_s: float) -> list[str]:
-    command = "python " + " ".join(shlex.quote(argument) for argument in sys.argv)
+    command = measurement_command(sys.argv)
     title = "CUDA" if settings.device.startswith("cuda") else "CPU"
     return [
         f"### {title} results",
         "",
-        "Reproduce with:",
+        "Reproduce with (add `--output docs/benchmarks.md` to replace this section):",
         "",
         "```",
         command,

@@ -10,6 +10,7 @@ entry ``raw_data_dir``.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -176,7 +177,7 @@ def _stream_url(url: str, output, algorithm: str) -> str:
                     output.write(chunk)
                     digest.update(chunk)
                     progress.update(len(chunk))
-    except (urllib.error.URLError, OSError) as error:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
         raise RuntimeError(
             f"Download of {url} failed: {error}. Check the network connection, or "
             "download the file by hand and put it in the raw-data folder."

@@ -55,9 +55,9 @@ SUMMARY_COLUMNS = [
 
 _VERSIONED_PACKAGES = ("s2m", "torch", "numpy", "scikit-learn", "pandas")
 
-#: Top-level repository paths that hold code. An untracked file there (a new baseline module)
-#: changes what runs, while one elsewhere (a scratch results folder) does not.
-CODE_PATHS = ("s2m", "baselines", "workflow", "Snakefile", "pyproject.toml")
+#: Top-level repository paths that hold the code and config of a run. Changes elsewhere, such
+#: as rewritten committed results or edited docs, do not change what runs.
+CODE_PATHS = ("s2m", "baselines", "workflow", "config", "Snakefile", "pyproject.toml")
 _GIT_TIMEOUT_S = 30
 
 
@@ -342,19 +342,20 @@ def _path_inside(repo_dir: Path, path: Path) -> str | None:
 
 
 def _changes_code(status: str) -> bool:
-    """Tell whether ``git status --porcelain -z`` output lists a tracked change or an untracked file under :data:`CODE_PATHS`."""
-    for entry in status.split("\0"):
+    """Tell whether ``git status --porcelain -z`` output lists a path under :data:`CODE_PATHS`."""
+    paths = []
+    tokens = iter(status.split("\0"))
+    for entry in tokens:
         if not entry:
             continue
 
         # Each entry is two status letters, a space and a path relative to the repository root.
-        # A rename is followed by an entry with its old path alone, which the return skips.
+        # A rename or copy is followed by a token with the original path alone.
         code, path = entry[:2], entry[3:]
-        if code != "??":
-            return True
-        if path.split("/", 1)[0] in CODE_PATHS:
-            return True
-    return False
+        paths.append(path)
+        if code[0] in "RC":
+            paths.append(next(tokens, ""))
+    return any(path.split("/", 1)[0] in CODE_PATHS for path in paths)
 
 
 def _run_git(repo_dir: Path, *arguments: str) -> str | None:
@@ -421,9 +422,9 @@ def provenance(config: Mapping[str, Any], repo_dir: str | os.PathLike) -> dict[s
     Returns
     -------
     info : dict
-        ``git_commit`` (str), ``git_dirty`` (bool or None: True if a tracked
-        file outside the config's ``results_dir`` differs from the commit, or an
-        untracked file that git does not ignore lies under :data:`CODE_PATHS`),
+        ``git_commit`` (str), ``git_dirty`` (bool or None: True if a file under
+        :data:`CODE_PATHS` and outside the config's ``results_dir`` differs from
+        the commit, or is untracked and not ignored by git),
         ``config_sha256`` (str, see :func:`config_sha256`), ``created_utc``
         (ISO 8601 str) and ``versions`` (dict of package name to version).
     """

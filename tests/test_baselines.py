@@ -121,8 +121,12 @@ def test_discovery_skips_private_and_imported(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "source, error",
-    [("import no_such_package_for_s2m\n", "ModuleNotFoundError"), ("def broken(:\n", "SyntaxError")],
-    ids=["missing-import", "syntax-error"],
+    [
+        ("import os\nimport no_such_package_for_s2m\n", r"line 2, failed to import: ModuleNotFoundError"),
+        ("x = 1\n\ndef broken(:\n", r"line 3, failed to import: SyntaxError"),
+        ("VALUE = undefined_name\n", r"line 1, failed to import: NameError"),
+    ],
+    ids=["missing-import", "syntax-error", "name-error"],
 )
 def test_discovery_names_module_that_fails(tmp_path, monkeypatch, source, error):
     package = tmp_path / "broken_methods"
@@ -132,7 +136,7 @@ def test_discovery_names_module_that_fails(tmp_path, monkeypatch, source, error)
     monkeypatch.syspath_prepend(str(tmp_path))
 
     try:
-        with pytest.raises(ImportError, match=rf"broken_methods/broken.py failed to import: {error}") as raised:
+        with pytest.raises(ImportError, match=rf"broken_methods/broken.py, {error}") as raised:
             discover_baselines("broken_methods")
     finally:
         for module in ("broken_methods", "broken_methods.broken"):

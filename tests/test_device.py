@@ -2,7 +2,7 @@
 
 The device is ``$S2M_TEST_DEVICE``, or ``cuda`` when it is unset. These tests are skipped when
 that device is not available, which is the case on a CPU-only machine such as CI. On a GPU
-machine, ``benchmarks/cuda_check.sh`` runs them. ``S2M_TEST_DEVICE=cpu`` runs them against
+machine, ``benchmarks/device_check.sh`` runs them. ``S2M_TEST_DEVICE=cpu`` runs them against
 the CPU itself, which checks only the tests' own code.
 """
 

@@ -378,7 +378,15 @@ def test_overflowing_squares_raise(value):
     x = clustered_sets(1, 4, 3, 2, seed=46, dtype=torch.float32)
     x[0, 2, 1] = value
 
-    with pytest.raises(ValueError, match=r"finite values so large that their squares overflow torch.float32"):
+    with pytest.raises(ValueError, match=r"finite values so large that their squares, summed over a set, overflow"):
+        fit_diagonal_gmm(x, 2)
+
+
+def test_overflowing_set_sum_of_squares_raises():
+    # Each square, 6.4e37, and each row's sum, 1.9e38, is finite in float32, but the set's sum is not.
+    x = torch.full((1, 6, 3), 8e18)
+
+    with pytest.raises(ValueError, match=r"squares, summed over a set, overflow torch.float32 \(largest magnitude 8e\+18\)"):
         fit_diagonal_gmm(x, 2)
 
 

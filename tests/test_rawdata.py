@@ -1,6 +1,7 @@
 """Tests for s2m.rawdata: raw-data folder lookup, checksums, download and archive safety."""
 
 import hashlib
+import http.client
 import urllib.error
 import zipfile
 
@@ -118,11 +119,14 @@ def test_tflite_model_other_digest_warns(tmp_path, monkeypatch, caplog):
     model.parent.mkdir()
     model.write_bytes(b"another model")
 
-    with caplog.at_level("WARNING", logger="s2m.pipeline.backbone"):
-        path = backbone.tflite_model_path({"raw_data_dir": str(tmp_path), "download": False})
+    for download in (False, True):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="s2m.pipeline.backbone"):
+            path = backbone.tflite_model_path({"raw_data_dir": str(tmp_path), "download": download})
 
-    assert path == model
-    assert "not the expected" in caplog.text
+        assert path == model
+        assert model.read_bytes() == b"another model"
+        assert "not the expected" in caplog.text
 
 
 def test_tflite_model_checksum_matches_mirror(raw_data_dir, monkeypatch, caplog):
@@ -215,13 +219,18 @@ def test_download_missing_source_names_url(tmp_path):
     assert not (tmp_path / "copy.bin").exists()
 
 
-def test_download_network_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [urllib.error.URLError("connection refused"), http.client.IncompleteRead(b"partial", 100)],
+    ids=["refused", "incomplete-read"],
+)
+def test_download_network_error(tmp_path, monkeypatch, error):
     def failing_urlopen(url, timeout):
-        raise urllib.error.URLError("connection refused")
+        raise error
 
     monkeypatch.setattr(rawdata.urllib.request, "urlopen", failing_urlopen)
 
-    with pytest.raises(RuntimeError, match="connection refused"):
+    with pytest.raises(RuntimeError, match=r"Download of https://example.invalid/data.zip failed: .*Check the network"):
         rawdata.download("https://example.invalid/data.zip", tmp_path / "data.zip", "0" * 64)
     assert list(tmp_path.iterdir()) == []
 

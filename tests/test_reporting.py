@@ -203,13 +203,13 @@ def test_provenance_in_git_repo(tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     _git(tmp_path, "init", "--quiet")
-    (tmp_path / "file.txt").write_text("content\n")
-    _git(tmp_path, "add", "file.txt")
+    (tmp_path / "Snakefile").write_text("content\n")
+    _git(tmp_path, "add", "Snakefile")
     _git(tmp_path, "-c", "user.name=Test", "-c", "user.email=test@example.com", "commit", "--quiet", "-m", "Add file")
     head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
 
     clean = provenance({}, tmp_path)
-    (tmp_path / "file.txt").write_text("changed\n")
+    (tmp_path / "Snakefile").write_text("changed\n")
     dirty = provenance({}, tmp_path)
 
     assert clean["git_commit"] == head
@@ -223,17 +223,17 @@ def test_provenance_excludes_only_inner_results(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     repo.mkdir()
     _git(repo, "init", "--quiet")
-    (repo / "file.txt").write_text("content\n")
-    _git(repo, "add", "file.txt")
+    (repo / "Snakefile").write_text("content\n")
+    _git(repo, "add", "Snakefile")
     _git(repo, "-c", "user.name=Test", "-c", "user.email=test@example.com", "commit", "--quiet", "-m", "Add file")
     monkeypatch.chdir(repo)
     outside = {"results_dir": str(tmp_path / "scratch")}
 
     # git rejects an exclude pathspec outside the repository, so such a results_dir is not excluded.
     clean_outside = provenance(outside, repo)
-    (repo / "file.txt").write_text("changed\n")
+    (repo / "Snakefile").write_text("changed\n")
     dirty_outside = provenance(outside, repo)
-    (repo / "file.txt").write_text("content\n")
+    (repo / "Snakefile").write_text("content\n")
     (repo / "results").mkdir()
     (repo / "results" / "table.md").write_text("table\n")
     clean_inside = provenance({"results_dir": "results"}, repo)
@@ -243,22 +243,32 @@ def test_provenance_excludes_only_inner_results(tmp_path, monkeypatch):
     assert clean_inside["git_dirty"] is False
 
 
-def test_provenance_counts_untracked_code_only(tmp_path, monkeypatch):
+def test_provenance_counts_code_changes_only(tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     _git(tmp_path, "init", "--quiet")
-    (tmp_path / "baselines").mkdir()
-    (tmp_path / "baselines" / "mean_embedding.py").write_text("NAME = 'mean'\n")
-    _git(tmp_path, "add", "baselines")
-    _git(tmp_path, "-c", "user.name=Test", "-c", "user.email=test@example.com", "commit", "--quiet", "-m", "Add code")
+    for path in ("baselines/mean_embedding.py", "results/tables/omniglot.md", "README.md", "s2m/old_name.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(f"{path}\n")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "-c", "user.name=Test", "-c", "user.email=test@example.com", "commit", "--quiet", "-m", "Add files")
     monkeypatch.chdir(tmp_path)
 
+    # A scratch run folder, notes, the committed results and the docs are not code.
     (tmp_path / "results-mine").mkdir()
     (tmp_path / "results-mine" / "table.md").write_text("table\n")
     (tmp_path / "notes with spaces.txt").write_text("notes\n")
-    with_scratch = provenance({"results_dir": "results"}, tmp_path)
-    (tmp_path / "baselines" / "my_method.py").write_text("NAME = 'mine'\n")
-    with_new_module = provenance({"results_dir": "results"}, tmp_path)
+    (tmp_path / "results" / "tables" / "omniglot.md").write_text("rewritten by a default run\n")
+    (tmp_path / "README.md").write_text("edited\n")
+    without_code = provenance({"results_dir": "results-mine"}, tmp_path)
 
-    assert with_scratch["git_dirty"] is False
+    (tmp_path / "baselines" / "my_method.py").write_text("NAME = 'mine'\n")
+    with_new_module = provenance({"results_dir": "results-mine"}, tmp_path)
+    (tmp_path / "baselines" / "my_method.py").unlink()
+
+    _git(tmp_path, "mv", "s2m/old_name.py", "docs_old_name.py")
+    with_moved_module = provenance({"results_dir": "results-mine"}, tmp_path)
+
+    assert without_code["git_dirty"] is False
     assert with_new_module["git_dirty"] is True
+    assert with_moved_module["git_dirty"] is True

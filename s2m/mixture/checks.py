@@ -54,8 +54,9 @@ def validate_points(
     Raises
     ------
     ValueError
-        If a shape, dtype or device does not match, or a member row is not finite or so large
-        that the sum of its squares overflows (values above about 1.8e19 in float32).
+        If a shape, dtype or device does not match, or a member row is not finite, or the sum
+        of squares over the members of a set overflows (values above about 1.8e19 / sqrt(N D)
+        in float32).
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape {shape}, got {type(x).__name__}.")
@@ -85,15 +86,18 @@ def validate_points(
             raise ValueError(f"{mask_name} is on {mask.device} but {name} is on {x.device}; move both to one device.")
         member_bool = mask
 
-    # A NaN, an infinity or a value whose square overflows makes its row's 2-norm non-finite,
-    # because torch sums the squares without rescaling (checked with torch 2.13 on the CPU).
-    finite_rows = torch.isfinite(torch.linalg.vector_norm(x, dim=-1)) | ~member_bool
-    if not bool(finite_rows.all()):
+    # A NaN, an infinity or squares that overflow when the fits sum them over a set make the
+    # set's sum non-finite, since torch's 2-norm does not rescale (checked with torch 2.13).
+    row_squares = torch.linalg.vector_norm(x, dim=-1).square()
+    set_squares = torch.where(member_bool, row_squares, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=-1)
+    if not bool(torch.isfinite(set_squares).all()):
         finite_rows = torch.isfinite(x).all(dim=-1) | ~member_bool
         if bool(finite_rows.all()):
+            largest = torch.where(member_bool.unsqueeze(-1), x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
             raise ValueError(
-                f"{name} has finite values so large that their squares overflow {x.dtype} (largest magnitude "
-                f"{x.abs().max().item():.3g}). Scale the descriptors down, for example by L2-normalising them."
+                f"{name} has finite values so large that their squares, summed over a set, overflow {x.dtype} "
+                f"(largest magnitude {largest.max().item():.3g}). Scale the descriptors down, for example by "
+                "L2-normalising them, or use float64."
             )
         bad_sets = torch.nonzero(~finite_rows.all(dim=-1)).flatten()
         first_set = int(bad_sets[0])

@@ -33,9 +33,9 @@ TFLITE_SHA256 = "7aad0c74c5e3c06e5eb3c827e13304fdd68a83da6087d92ee169c24ff9fd477
 def tflite_model_path(config: dict) -> Path:
     """Return the MobileNetV2 TFLite file of the raw-data folder, checking its SHA-256.
 
-    With ``download: true`` in the config, a missing file, or one with another digest, is
-    fetched from :data:`TFLITE_URL` first. Without it, a file with another digest is used
-    with a logged warning, as the dataset builders do with their inputs.
+    A missing file is fetched from :data:`TFLITE_URL` when the config has ``download: true``.
+    A local file with another digest is used with a logged warning, as the dataset builders
+    do with their inputs, and is never replaced.
 
     Raises
     ------
@@ -43,7 +43,7 @@ def tflite_model_path(config: dict) -> Path:
         If the file is missing and ``download`` is false.
     """
     path = raw_data_dir(config) / TFLITE_FILE
-    if config.get("download", False):
+    if not path.is_file() and config.get("download", False):
         return rawdata.download(TFLITE_URL, path, TFLITE_SHA256, "sha256")
 
     if not path.is_file():
