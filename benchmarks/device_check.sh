@@ -13,6 +13,8 @@
 # installed. It needs torch, numpy, scikit-learn, threadpoolctl, pytest, tqdm and PyYAML.
 # The benchmark stops after $BENCH_TIMEOUT_S seconds (default 480), so that the whole
 # script takes at most about 10 minutes.
+#
+# NOTE: this script has run only with S2M_TEST_DEVICE=cpu, so its CUDA timing is an estimate.
 set -uo pipefail
 
 output_dir="device-check"

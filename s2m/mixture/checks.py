@@ -55,8 +55,8 @@ def validate_points(
     ------
     ValueError
         If a shape, dtype or device does not match, or a member row is not finite, or the sum
-        of squares over the members of a set overflows (values above about 1.8e19 / sqrt(N D)
-        in float32).
+        of squares over the members of a set overflows (in float32, once all N D values
+        exceed about 1.8e19 / sqrt(N D)).
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape {shape}, got {type(x).__name__}.")
@@ -89,11 +89,11 @@ def validate_points(
     # A NaN, an infinity or squares that overflow when the fits sum them over a set make the
     # set's sum non-finite, since torch's 2-norm does not rescale (checked with torch 2.13).
     row_squares = torch.linalg.vector_norm(x, dim=-1).square()
-    set_squares = torch.where(member_bool, row_squares, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=-1)
+    set_squares = torch.where(member_bool, row_squares, x.new_zeros(())).sum(dim=-1)
     if not bool(torch.isfinite(set_squares).all()):
         finite_rows = torch.isfinite(x).all(dim=-1) | ~member_bool
         if bool(finite_rows.all()):
-            largest = torch.where(member_bool.unsqueeze(-1), x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
+            largest = torch.where(member_bool.unsqueeze(-1), x.abs(), x.new_zeros(()))
             raise ValueError(
                 f"{name} has finite values so large that their squares, summed over a set, overflow {x.dtype} "
                 f"(largest magnitude {largest.max().item():.3g}). Scale the descriptors down, for example by "

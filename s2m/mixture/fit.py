@@ -178,8 +178,8 @@ def fit_diagonal_gmm(
         an exact stationary point. Its error grows with the size of the last EM step, so
         lower ``tol`` where gradients must be accurate. "unrolled" differentiates through
         the EM iterations with autograd. With either mode, a set whose gradient is not
-        finite (a component without points under zero prior counts, say) gets a zero
-        gradient and a ``RuntimeWarning`` naming it. The implicit backward pass is not
+        finite (for example from a component without points under zero prior counts) gets
+        a zero gradient and a ``RuntimeWarning`` naming it. The implicit backward pass is not
         itself differentiable, so it gives no second derivatives.
     variance_prior : VariancePrior
         :math:`v_0` and :math:`n_0`. The default :math:`v_0` is ``0.1 / D``.

@@ -486,7 +486,7 @@ def mix_affine_terms(x: Tensor, responsibilities: Tensor, constant: Tensor, line
 def failure_remedy(penalty: Penalty, backward: str = "implicit") -> str:
     """Suggest how to avoid a non-finite gradient of the ``backward`` mode under ``penalty``."""
     if penalty.mean_count == 0 or penalty.weight_count == 0:
-        # Both modes divide by the same zero counts, so switching modes would not help here.
+        # Both modes fail on the same empty components, so switching modes would not help here.
         return "Raise mean_prior_count and weight_prior_count above 0, so that components without points stay defined."
     if backward == "implicit":
         return "Use backward='unrolled', which does not solve with the Hessian."

@@ -43,22 +43,22 @@ def tflite_model_path(config: dict) -> Path:
         If the file is missing and ``download`` is false.
     """
     path = raw_data_dir(config) / TFLITE_FILE
-    if not path.is_file() and config.get("download", False):
-        return rawdata.download(TFLITE_URL, path, TFLITE_SHA256, "sha256")
-
     if not path.is_file():
+        if config.get("download", False):
+            return rawdata.download(TFLITE_URL, path, TFLITE_SHA256, "sha256")
         raise FileNotFoundError(
             f"MobileNetV2 model {path} not found. Copy mobilenet_v2_1.0_224_quant.tflite into "
             f"mobilenet_v2/ of the raw-data folder, or set `download: true` in the config to fetch it "
             f"from {TFLITE_URL}."
         )
-    digest = rawdata.file_digest(path, "sha256")
-    if digest != TFLITE_SHA256:
+
+    record = rawdata.checksum_record(path, TFLITE_SHA256, "sha256")
+    if not record["verified"]:
         logger.warning(
             "%s has SHA-256 %s, not the expected %s, so the descriptors may differ from the committed "
-            "results. Replace it with the file from %s, or set `download: true` to fetch it.",
+            "results. Replace it with the file from %s.",
             path,
-            digest,
+            record["digest"],
             TFLITE_SHA256,
             TFLITE_URL,
         )
