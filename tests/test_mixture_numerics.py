@@ -355,12 +355,20 @@ def test_invalid_init_tuple_raises():
 
     with pytest.raises(ValueError, match=r"init means must be a tensor of shape \(2, 2, 3\)"):
         fit_diagonal_gmm(x, 2, init=(weights, means[:, :, :2], variances))
-    with pytest.raises(ValueError, match=r"strictly positive"):
+    with pytest.raises(ValueError, match=r"init variances must be strictly positive, got a smallest value of -"):
         fit_diagonal_gmm(x, 2, init=(weights, means, -variances))
-    with pytest.raises(ValueError, match=r"init means contain NaN or infinite values"):
-        fit_diagonal_gmm(x, 2, init=(weights, torch.full_like(means, float("nan")), variances))
-    with pytest.raises(ValueError, match=r"init variances contain NaN or infinite values"):
-        fit_diagonal_gmm(x, 2, init=(weights, means, torch.full_like(variances, float("inf"))))
+    with pytest.raises(ValueError, match=r"init weights must be strictly positive, got a smallest value of 0"):
+        fit_diagonal_gmm(x, 2, init=(weights.index_fill(1, torch.tensor([0]), 0.0), means, variances))
+
+    # A single non-finite entry is detected, whatever its sign.
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        bad_means, bad_variances = means.clone(), variances.clone()
+        bad_means[1, 0, 2] = bad
+        bad_variances[0, 1, 1] = bad
+        with pytest.raises(ValueError, match=r"init means contain NaN or infinite values"):
+            fit_diagonal_gmm(x, 2, init=(weights, bad_means, variances))
+        with pytest.raises(ValueError, match=r"init variances contain NaN or infinite values"):
+            fit_diagonal_gmm(x, 2, init=(weights, means, bad_variances))
 
 
 def test_numpy_scalar_options_accepted():

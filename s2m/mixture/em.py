@@ -169,9 +169,12 @@ class ExpandedComponents:
 
         ``log_weights`` (B, K) are the log mixing weights, or zeros for the densities alone.
         """
-        shift = (self.offsets + log_weights).unsqueeze(1)
-        joint = torch.baddbmm(shift, features.squares, self.precisions.transpose(1, 2), alpha=-0.5)
-        joint = torch.baddbmm(joint, features.points, self.scaled_means.transpose(1, 2))
+        # The products are laid out as (B, K, N): in float32 on a 2-core Intel Xeon with torch
+        # 2.13 and MKL, that measured about twice as fast as (B, N, K). The M-step's product then
+        # reads the responsibilities' transpose contiguously.
+        shift = (self.offsets + log_weights).unsqueeze(-1)
+        joint = torch.baddbmm(shift, self.precisions, features.squares.transpose(1, 2), alpha=-0.5)
+        joint = torch.baddbmm(joint, self.scaled_means, features.points.transpose(1, 2)).transpose(1, 2)
 
         inaccurate = expansion_error(self.sum_scaled_mean_squares) > EXPANSION_ERROR_LIMIT
         if bool(inaccurate.any()):
