@@ -35,6 +35,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 import time
 import warnings
@@ -454,6 +455,26 @@ def benchmark_forward(plan: Plan, settings: Settings) -> list[dict]:
 # Reporting.
 
 
+def describe_code() -> str:
+    """Return a line naming the commit of the measured code, noting uncommitted changes to the layer or this script."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "s2m", "benchmarks"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "- code: unknown commit (git is missing or this is not a git checkout)"
+
+    dirty = ", with uncommitted changes under s2m/ or benchmarks/" if changes else ""
+    return f"- code: commit {commit}{dirty}, measured on {time.strftime('%Y-%m-%d', time.gmtime())} (UTC)"
+
+
 def describe_machine(settings: Settings) -> list[str]:
     import sklearn
     import torch
@@ -474,6 +495,7 @@ def describe_machine(settings: Settings) -> list[str]:
         f"for the forward fit, {settings.threads} for the backward), "
         f"scikit-learn {sklearn.__version__}, Python {platform.python_version()}",
         f"- device: {settings.device}",
+        describe_code(),
     ]
     if settings.device.startswith("cuda"):
         lines.append(f"- GPU: {torch.cuda.get_device_name(settings.device)}")
