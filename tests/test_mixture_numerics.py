@@ -353,22 +353,60 @@ def test_invalid_init_tuple_raises():
     x = clustered_sets(2, 6, 3, 2, seed=41)
     weights, means, variances = collapsing_start(x)
 
-    with pytest.raises(ValueError, match=r"init means must be a tensor of shape \(2, 2, 3\)"):
+    with pytest.raises(ValueError, match=r"init means must have shape \(2, 2, 3\), got \(2, 2, 2\)"):
         fit_diagonal_gmm(x, 2, init=(weights, means[:, :, :2], variances))
-    with pytest.raises(ValueError, match=r"init variances must be strictly positive, got a smallest value of -"):
+    with pytest.raises(ValueError, match=r"init means must be a torch.Tensor of shape \(2, 2, 3\), got ndarray"):
+        fit_diagonal_gmm(x, 2, init=(weights, means.numpy(), variances))
+    with pytest.raises(ValueError, match=r"init means is torch.float32 on cpu, but x is torch.float64 on cpu"):
+        fit_diagonal_gmm(x, 2, init=(weights, means.float(), variances))
+    with pytest.raises(ValueError, match=r"tuple, got a tuple of 2 items"):
+        fit_diagonal_gmm(x, 2, init=(weights, means))
+    with pytest.raises(ValueError, match=r"init variances must be above the smallest normal torch.float64 number"):
         fit_diagonal_gmm(x, 2, init=(weights, means, -variances))
-    with pytest.raises(ValueError, match=r"init weights must be strictly positive, got a smallest value of 0"):
-        fit_diagonal_gmm(x, 2, init=(weights.index_fill(1, torch.tensor([0]), 0.0), means, variances))
+    tiny_variances = variances.clone()
+    tiny_variances[0, 1, 2] = 1e-320
+    with pytest.raises(ValueError, match=r"got 1e-320 at set 0, component 1, dimension 2"):
+        fit_diagonal_gmm(x, 2, init=(weights, means, tiny_variances))
+    one_hot_weights = weights.clone()
+    one_hot_weights[1] = torch.tensor([0.0, 1.0])
+    with pytest.raises(ValueError, match=r"init weights must be positive, got 0 at set 1, component 0"):
+        fit_diagonal_gmm(x, 2, init=(one_hot_weights, means, variances))
+    with pytest.raises(ValueError, match=r"init weights must sum to 1 for every set, got 2 for set 0"):
+        fit_diagonal_gmm(x, 2, init=(2 * weights, means, variances))
 
     # A single non-finite entry is detected, whatever its sign.
     for bad in (float("nan"), float("inf"), -float("inf")):
         bad_means, bad_variances = means.clone(), variances.clone()
         bad_means[1, 0, 2] = bad
         bad_variances[0, 1, 1] = bad
-        with pytest.raises(ValueError, match=r"init means contain NaN or infinite values"):
+        with pytest.raises(ValueError, match=rf"init means must be finite, got {bad} at set 1, component 0, dimension 2"):
             fit_diagonal_gmm(x, 2, init=(weights, bad_means, variances))
-        with pytest.raises(ValueError, match=r"init variances contain NaN or infinite values"):
+        with pytest.raises(ValueError, match=rf"init variances must be finite, got {bad} at set 0, component 1, dimension 1"):
             fit_diagonal_gmm(x, 2, init=(weights, means, bad_variances))
+
+
+def test_init_requiring_grad_accepted_quietly():
+    x = clustered_sets(2, 6, 3, 2, seed=41)
+    start = tuple(tensor.clone().requires_grad_(True) for tensor in collapsing_start(x))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit = fit_diagonal_gmm(x, 2, init=start, tol=1e-3)
+
+    assert fit.converged.all()
+
+
+def test_overflowing_init_warns_not_finite():
+    x = clustered_sets(3, 6, 3, 2, seed=41)
+    weights, means, variances = collapsing_start(x)
+    means = means.clone()
+    means[1] = 1e200
+
+    with pytest.warns(RuntimeWarning, match=r"NaN or infinite objective for 1 of 3 sets \[1\]"):
+        fit = fit_diagonal_gmm(x, 2, init=(weights, means, variances))
+
+    assert not torch.isfinite(fit.lower_bound[1])
+    assert torch.isfinite(fit.lower_bound[[0, 2]]).all()
 
 
 def test_numpy_scalar_options_accepted():

@@ -171,8 +171,10 @@ def fit_diagonal_gmm(
     seed : int
         Seed of the k-means++ draws. The same seed gives the same fit on a rerun.
     init : "kmeans++" or (weights, means, variances)
-        Initialisation. A tuple gives the initial parameters, shaped (B, K), (B, K, D)
-        and (B, K, D), and EM starts from them.
+        Initialisation. A tuple gives the initial parameters, tensors of shapes (B, K),
+        (B, K, D) and (B, K, D) with the dtype and device of ``x``, and EM starts from
+        them. They must be finite, the weights positive with a sum of 1 per set, and the
+        variances above the smallest normal number of the dtype. No gradient flows to them.
     backward : "implicit" or "unrolled"
         "implicit" runs EM without autograd and differentiates the stationarity
         conditions (implicit function theorem, structured Woodbury solve). It is exact at
@@ -226,7 +228,8 @@ def fit_diagonal_gmm(
             result.weights, result.means, result.variances, result.converged, result.n_iter, result.lower_bound
         )
 
-    report_convergence(fit.converged, max_iter, tol)
+    not_finite = report_non_finite(fit.lower_bound)
+    report_convergence(fit.converged | not_finite, max_iter, tol)
     return fit
 
 
@@ -261,29 +264,90 @@ def check_set_sizes(member: Tensor, n_components: int) -> None:
 
 
 def check_initial_parameters(init: tuple, x: Tensor, n_components: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Validate explicit initial parameters against the shape, dtype and device of ``x``."""
+    """Validate explicit initial parameters against the shape, dtype and device of ``x``, and check their values."""
     if not (isinstance(init, (tuple, list)) and len(init) == 3):
-        raise ValueError(f"init must be 'kmeans++' or a (weights, means, variances) tuple, got {type(init).__name__}.")
+        if isinstance(init, (tuple, list)):
+            got = f"a {type(init).__name__} of {len(init)} items"
+        else:
+            got = type(init).__name__
+        raise ValueError(f"init must be 'kmeans++' or a (weights, means, variances) tuple, got {got}.")
 
     batch_size, _, dim = x.shape
     shapes = ((batch_size, n_components), (batch_size, n_components, dim), (batch_size, n_components, dim))
     for name, tensor, shape in zip(("weights", "means", "variances"), init, shapes):
-        if not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape:
-            raise ValueError(f"init {name} must be a tensor of shape {shape}, got {getattr(tensor, 'shape', tensor)}.")
+        if not isinstance(tensor, Tensor):
+            raise ValueError(
+                f"init {name} must be a torch.Tensor of shape {shape}, got {type(tensor).__name__}; "
+                f"convert it with torch.as_tensor({name}).to(x)."
+            )
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"init {name} must have shape {shape}, got {tuple(tensor.shape)}.")
         if tensor.dtype != x.dtype or tensor.device != x.device:
-            raise ValueError(f"init {name} is {tensor.dtype} on {tensor.device}; convert it with .to(x).")
+            raise ValueError(
+                f"init {name} is {tensor.dtype} on {tensor.device}, but x is {x.dtype} on {x.device}; "
+                f"convert it with {name}.to(x)."
+            )
 
         # aminmax propagates NaN, and its one pass measured about 6 times faster than
         # torch.isfinite(tensor).all() on init tensors of 256 sets.
-        smallest, largest = (float(value) for value in torch.aminmax(tensor))
+        values = tensor.detach()
+        smallest, largest = (float(value) for value in torch.aminmax(values))
         if not (math.isfinite(smallest) and math.isfinite(largest)):
-            raise ValueError(f"init {name} contain NaN or infinite values; pass finite initial parameters.")
-        if name != "means" and smallest <= 0:
+            bad = ~torch.isfinite(values)
             raise ValueError(
-                f"init {name} must be strictly positive, got a smallest value of {smallest:.3g}; "
-                "pass positive initial parameters."
+                f"init {name} must be finite, got {values[bad][0].item()} at {entry_position(bad)}; "
+                "pass finite initial parameters."
             )
+
+        # With a subnormal variance, 1 / variance can overflow, and the fit becomes NaN.
+        floor = {"weights": 0.0, "variances": torch.finfo(x.dtype).tiny}.get(name)
+        if floor is not None and smallest <= floor:
+            limit = "positive" if floor == 0 else f"above the smallest normal {x.dtype} number, {floor:.3g}"
+            raise ValueError(
+                f"init {name} must be {limit}, got {smallest:.3g} at {entry_position(values <= floor)}; "
+                f"pass larger {name}."
+            )
+
+    # A scaled set of weights would shift the first objective by its log and could end EM at
+    # the first convergence test.
+    weights = init[0].detach()
+    tolerance = 16 * n_components * torch.finfo(x.dtype).eps
+    off = (weights.sum(dim=-1) - 1).abs() > tolerance
+    if bool(off.any()):
+        first = int(torch.nonzero(off)[0])
+        raise ValueError(
+            f"init weights must sum to 1 for every set, got {weights[first].sum().item():.6g} for set {first}; "
+            "divide them by their sum."
+        )
     return tuple(init)
+
+
+def entry_position(selected: Tensor) -> str:
+    """Describe where the first True entry of a (B, K) or (B, K, D) mask is, for an error message."""
+    position = torch.nonzero(selected)[0].tolist()
+    labels = ("set", "component", "dimension")
+    return ", ".join(f"{label} {index}" for label, index in zip(labels, position))
+
+
+def report_non_finite(lower_bound: Tensor) -> Tensor:
+    """Warn with a ``RuntimeWarning`` and a log line about sets whose objective is not finite, and return their mask.
+
+    It is meant for explicit initial parameters far from the points, such as means of 1e200
+    in float64, which overflow the objective so that EM never recovers. With the k-means++
+    start the means stay among the points and the variance prior keeps the variances
+    positive, so the objective stays finite.
+    """
+    not_finite = ~torch.isfinite(lower_bound.detach())
+    if bool(not_finite.any()):
+        sets = list_sets(torch.nonzero(not_finite).flatten())
+        message = (
+            f"EM gave a NaN or infinite objective for {int(not_finite.sum())} of {not_finite.numel()} sets "
+            f"{sets}, so their fitted parameters are not usable. Start them from initial parameters closer "
+            "to the points, or from init='kmeans++'."
+        )
+        logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return not_finite
 
 
 def report_convergence(converged: Tensor, max_iter: int, tol: float) -> None:
