@@ -16,6 +16,7 @@ from s2m.mixture import (
     fit_diagonal_gmm,
     mixture_log_prob,
 )
+from s2m.mixture import em
 from s2m.mixture.em import e_step, initial_parameters, point_features
 from s2m.mixture.prior import resolve_penalty
 from s2m.mixture.synthetic import clustered_sets
@@ -122,6 +123,37 @@ def test_padded_batch_matches_single_sets():
         torch.testing.assert_close(batched.means[index], single.means[0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(batched.variances[index], single.variances[0], rtol=1e-10, atol=0)
         torch.testing.assert_close(batched.lower_bound[index], single.lower_bound[0], rtol=1e-10, atol=0)
+        assert batched.n_iter[index] == single.n_iter[0]
+
+
+def test_chunked_regathered_batch_matches_single_sets(monkeypatch):
+    x = clustered_sets(24, 20, 4, 3, noise=0.7, seed=11)
+    monkeypatch.setattr(em, "CHUNK_BYTES", 10 * x[0].numel() * 2 * x.element_size())
+
+    chunk_sizes, regathers = [], []
+    run_em, select_sets = em.run_em, em.PointFeatures.__getitem__
+
+    def counting_run_em(features, member, *args):
+        chunk_sizes.append(member.shape[0])
+        return run_em(features, member, *args)
+
+    def counting_select_sets(self, index):
+        regathers.append(index)
+        return select_sets(self, index)
+
+    monkeypatch.setattr(em, "run_em", counting_run_em)
+    monkeypatch.setattr(em.PointFeatures, "__getitem__", counting_select_sets)
+    batched = fit_diagonal_gmm(x, 3, tol=1e-10, max_iter=500)
+    monkeypatch.undo()
+
+    # The sets stop at many different iterations, so each chunk gathers its running sets again.
+    assert chunk_sizes == [10, 10, 4]
+    assert len(set(batched.n_iter.tolist())) >= 10
+    assert len(regathers) >= 3
+    for index in range(x.shape[0]):
+        single = fit_diagonal_gmm(x[index : index + 1], 3, tol=1e-10, max_iter=500)
+        torch.testing.assert_close(batched.means[index], single.means[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(batched.variances[index], single.variances[0], rtol=1e-10, atol=0)
         assert batched.n_iter[index] == single.n_iter[0]
 
 

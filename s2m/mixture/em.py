@@ -43,12 +43,6 @@ NEGLIGIBLE_LOG_RATIO = 50.0
 #: were fastest from about this size up, and with one thread the size made no difference.
 CHUNK_BYTES = 32 * 2**20
 
-#: Share of the sets in an EM batch that must have finished before :func:`run_em` copies the
-#: running ones into a smaller batch. Each finished set left in the batch costs an E-step
-#: and an M-step per iteration, and the copy costs about one such step per kept set. Fits
-#: of 256 sets of D = 256 on a 2-core CPU took about the same time for shares from 0.05 to
-#: 0.5, within a run-to-run noise of about 10 %.
-REGATHER_FRACTION = 0.25
 
 
 @dataclass
@@ -575,16 +569,17 @@ def run_em(
     converged = torch.zeros(batch_size, dtype=torch.bool, device=device)
     n_iter = torch.zeros(batch_size, dtype=torch.int64, device=device)
 
-    # Each iteration computes the gathered sets, a superset of those still running. Sets
-    # that have finished stay in it, computed but unused, until they make up
-    # REGATHER_FRACTION of it, and then the running ones are gathered again. The wasted rows
-    # thus stay below a third of the useful ones.
+    # Finished sets stay in the gathered batch, each costing an E-step and an M-step per
+    # iteration, until that waste since the last gathering reaches the cost of gathering the
+    # running sets again (about one such step each). This spends at most about twice the
+    # work of the best choice made in hindsight.
     gathered = torch.arange(batch_size, device=device)
     running = torch.ones(batch_size, dtype=torch.bool, device=device)
     rows = [features, member, member.sum(dim=-1)]
     previous = torch.full_like(rows[2], -math.inf, dtype=torch.float64)
     parameters = (weights, means, variances)
     finished_sets, finished_parts = [], []
+    n_running, idle_work = batch_size, 0
 
     for _ in range(max_iter):
         gathered_features, gathered_member, n_members = rows
@@ -603,13 +598,16 @@ def run_em(
             n_running = int(running.sum())
             if n_running == 0:
                 break
-            if gathered.numel() - n_running >= REGATHER_FRACTION * gathered.numel():
-                gathered = gathered[running]
-                rows = [tensor[running] for tensor in rows]
-                previous = previous[running]
-                parameters = tuple(tensor[running] for tensor in parameters)
-                responsibilities = responsibilities[running]
-                running = torch.ones(n_running, dtype=torch.bool, device=device)
+
+        idle_work += gathered.numel() - n_running
+        if idle_work >= n_running:
+            idle_work = 0
+            gathered = gathered[running]
+            rows = [tensor[running] for tensor in rows]
+            previous = previous[running]
+            parameters = tuple(tensor[running] for tensor in parameters)
+            responsibilities = responsibilities[running]
+            running = torch.ones(n_running, dtype=torch.bool, device=device)
 
         parameters = m_step(rows[0], rows[1], responsibilities, penalty)
 
