@@ -468,6 +468,8 @@ def benchmark_forward(plan: Plan, settings: Settings) -> list[dict]:
 
 def describe_code() -> str:
     """Return a line naming the commit of the measured code, noting uncommitted changes to the layer or this script."""
+    # s2m.reporting has a provenance helper, but it imports pandas and matplotlib, which a
+    # GPU machine running this script from PYTHONPATH may lack.
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(

@@ -361,7 +361,7 @@ def test_invalid_init_tuple_raises():
         fit_diagonal_gmm(x, 2, init=(weights, means.float(), variances))
     with pytest.raises(ValueError, match=r"tuple, got a tuple of 2 items"):
         fit_diagonal_gmm(x, 2, init=(weights, means))
-    with pytest.raises(ValueError, match=r"init variances must be above the smallest normal torch.float64 number"):
+    with pytest.raises(ValueError, match=r"init variances must be at least the smallest normal torch.float64 number"):
         fit_diagonal_gmm(x, 2, init=(weights, means, -variances))
     tiny_variances = variances.clone()
     tiny_variances[0, 1, 2] = 1e-320

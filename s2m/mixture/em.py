@@ -44,7 +44,6 @@ NEGLIGIBLE_LOG_RATIO = 50.0
 CHUNK_BYTES = 32 * 2**20
 
 
-
 @dataclass
 class EMResult:
     """Parameters after EM, with the responsibilities and objective at them and the bookkeeping of the run.

@@ -174,7 +174,7 @@ def fit_diagonal_gmm(
         Initialisation. A tuple gives the initial parameters, tensors of shapes (B, K),
         (B, K, D) and (B, K, D) with the dtype and device of ``x``, and EM starts from
         them. They must be finite, the weights positive with a sum of 1 per set, and the
-        variances above the smallest normal number of the dtype. No gradient flows to them.
+        variances at least the smallest normal number of the dtype. No gradient flows to them.
     backward : "implicit" or "unrolled"
         "implicit" runs EM without autograd and differentiates the stationarity
         conditions (implicit function theorem, structured Woodbury solve). It is exact at
@@ -299,13 +299,18 @@ def check_initial_parameters(init: tuple, x: Tensor, n_components: int) -> tuple
                 "pass finite initial parameters."
             )
 
-        # With a subnormal variance, 1 / variance can overflow, and the fit becomes NaN.
-        floor = {"weights": 0.0, "variances": torch.finfo(x.dtype).tiny}.get(name)
-        if floor is not None and smallest <= floor:
-            limit = "positive" if floor == 0 else f"above the smallest normal {x.dtype} number, {floor:.3g}"
+        if name == "weights" and smallest <= 0:
             raise ValueError(
-                f"init {name} must be {limit}, got {smallest:.3g} at {entry_position(values <= floor)}; "
-                f"pass larger {name}."
+                f"init weights must be positive, got {smallest:.3g} at {entry_position(values <= 0)}; "
+                "pass positive weights."
+            )
+
+        # With a subnormal variance, 1 / variance can overflow, and the fit becomes NaN.
+        tiny = torch.finfo(x.dtype).tiny
+        if name == "variances" and smallest < tiny:
+            raise ValueError(
+                f"init variances must be at least the smallest normal {x.dtype} number, {tiny:.3g}, got "
+                f"{smallest:.3g} at {entry_position(values < tiny)}; pass larger variances."
             )
 
     # A scaled set of weights would shift the first objective by its log and could end EM at
@@ -332,10 +337,10 @@ def entry_position(selected: Tensor) -> str:
 def report_non_finite(lower_bound: Tensor) -> Tensor:
     """Warn with a ``RuntimeWarning`` and a log line about sets whose objective is not finite, and return their mask.
 
-    It is meant for explicit initial parameters far from the points, such as means of 1e200
-    in float64, which overflow the objective so that EM never recovers. With the k-means++
-    start the means stay among the points and the variance prior keeps the variances
-    positive, so the objective stays finite.
+    Explicit initial parameters far from the points, such as means of 1e200 in float64,
+    overflow the objective, and EM never recovers. The k-means++ start keeps the objective
+    finite, because its means lie among the points and the variance prior keeps the
+    variances positive.
     """
     not_finite = ~torch.isfinite(lower_bound.detach())
     if bool(not_finite.any()):
