@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
+
+from s2m.device import select_device
+from s2m.embeddings import load_embedding
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPOSITORY / "Snakefile")]
@@ -69,6 +73,10 @@ def test_meta_trained_models_come_from_this_run(tiny_run):
             history = pd.read_csv(tiny_run / dataset / "models" / f"{variant}_history.csv")
             assert history["step"].max() == 6
             assert history["loss"].dropna().between(0, 1).all()
+
+            _, _, metadata = load_embedding(tiny_run / dataset / "models" / f"{variant}.pt")
+            assert metadata["device"] == str(select_device(default["device"]))
+            assert metadata["torch"] == torch.__version__
 
 
 @pytest.mark.workflow

@@ -53,6 +53,11 @@ def set_model_spec(config: dict, variant: str) -> SetModelSpec:
     return SetModelSpec(entry["set_model"], entry.get("n_components", 1), fit_options)
 
 
+def run_environment(device: torch.device) -> dict:
+    """Return the device and torch version of a training run, for its checkpoint, since CPU and CUDA runs give different weights."""
+    return {"device": str(device), "torch": torch.__version__}
+
+
 def _prepare(config: dict, threads: int) -> torch.device:
     seed_everything(config["seed"])
     configure_threads(threads)
@@ -77,7 +82,7 @@ def pretrain_step(
     device = _prepare(config, threads)
     spec = embedding_spec(config, dataset)
     network = build_embedding(spec)
-    metadata = {"dataset": dataset, "kind": "pretrained", "seed": config["seed"]}
+    metadata = {"dataset": dataset, "kind": "pretrained", "seed": config["seed"], **run_environment(device)}
 
     if dataset == "omniglot":
         table = read_image_table(dataset_dir)
@@ -184,6 +189,7 @@ def meta_train_step(
         "set_model": set_model.kind,
         "n_components": set_model.n_components,
         "seed": config["seed"],
+        **run_environment(device),
         "history": history,
     }
     save_embedding(out_path, network.cpu(), spec, metadata)
