@@ -133,11 +133,17 @@ def check_baselines(entries: dict) -> None:
     Raises
     ------
     ConfigError
-        If a baseline name or parameter is invalid. The message names the entry and
-        repeats the baseline's own message, which lists the available names or the
-        accepted parameters.
+        If the ``baselines`` package defines a class without a name or two classes with
+        the same name, or if a baseline name or parameter is invalid. For the latter the
+        message names the entry and repeats the baseline's own message, which lists the
+        available names or the accepted parameters.
     """
-    from baselines import get_baseline
+    from baselines import discover_baselines, get_baseline
+
+    try:
+        discover_baselines()
+    except ValueError as error:
+        raise ConfigError(f"baselines package: {error}") from error
 
     for name, entry in entries.items():
         try:

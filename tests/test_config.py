@@ -87,3 +87,28 @@ def test_invalid_baseline_param_rejected_at_load():
     override = {"baselines": {"gmm": {"label": "GMM", "params": {"n_components": 0}}}}
     with pytest.raises(ConfigError, match=r"baselines.gmm: Parameter n_components must be"):
         load_config(overrides=override)
+
+
+def test_duplicate_baseline_name_blames_package(monkeypatch):
+    import baselines
+
+    class SecondGMM(baselines.SetMethod):
+        name = "gmm"
+
+        def fit(self, concept_set):
+            return self
+
+        def score(self, gallery):
+            return gallery[:, 0]
+
+    methods_defined_in = baselines._methods_defined_in
+
+    def with_second_gmm(module):
+        extra = [SecondGMM] if module.__name__ == "baselines.nearest_neighbour" else []
+        return methods_defined_in(module) + extra
+
+    monkeypatch.setattr(baselines, "_methods_defined_in", with_second_gmm)
+    with pytest.raises(ConfigError, match=r"^baselines package: Duplicate baseline name 'gmm'") as error:
+        load_config()
+
+    assert "baselines.mean_embedding:" not in str(error.value)
