@@ -60,6 +60,11 @@ _VERSIONED_PACKAGES = ("s2m", "torch", "numpy", "scikit-learn", "pandas")
 CODE_PATHS = ("s2m", "baselines", "workflow", "config", "Snakefile", "pyproject.toml")
 _GIT_TIMEOUT_S = 30
 
+#: Config entries that only locate the raw data and the results, or allow downloading missing
+#: raw data, so they cannot change a result. The config hash leaves them out, and runs of the
+#: same settings into different folders share a hash.
+LOCATION_KEYS = ("raw_data_dir", "results_dir", "download")
+
 
 def summarise_aps(
     ap_tables: Mapping[tuple[str, str], pd.DataFrame],
@@ -393,10 +398,11 @@ def _package_version(package: str) -> str:
 
 
 def config_sha256(config: Mapping[str, Any]) -> str:
-    """Return the SHA-256 hex digest of the config as canonical JSON (sorted keys, no spaces)."""
+    """Return the SHA-256 hex digest of the config without :data:`LOCATION_KEYS`, as canonical JSON (sorted keys, no spaces)."""
+    settings = {key: value for key, value in config.items() if key not in LOCATION_KEYS}
     try:
         canonical = json.dumps(
-            config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            settings, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         )
     except (TypeError, ValueError) as error:
         raise ValueError(

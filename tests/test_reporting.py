@@ -169,6 +169,14 @@ def test_config_hash_ignores_key_order():
     assert re.fullmatch(r"[0-9a-f]{64}", first)
 
 
+def test_config_hash_ignores_locations():
+    settings = {"seed": 0, "evaluation": {"n_bootstrap": 100}}
+    located = dict(settings, raw_data_dir="/data/raw", results_dir="results-mine", download=True)
+
+    assert config_sha256(located) == config_sha256(settings)
+    assert config_sha256(dict(located, seed=1)) != config_sha256(located)
+
+
 def test_config_hash_rejects_non_json():
     with pytest.raises(ValueError, match="not plain JSON data"):
         config_sha256({"path": object()})
