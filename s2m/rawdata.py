@@ -29,17 +29,21 @@ RAW_DATA_ENV_VAR = "S2M_RAW_DATA"
 
 _CHUNK_BYTES = 1 << 20
 _DOWNLOAD_TIMEOUT_S = 60.0
+RAW_DATA_CONTENTS = "omniglot/, caltech101/ and mobilenet_v2/"
 
 
-def resolve_raw_data_dir(config_value: str | os.PathLike | None) -> Path:
+def resolve_raw_data_dir(
+    config_value: str | os.PathLike | None, config_source: str = "config_value argument of resolve_raw_data_dir"
+) -> Path:
     """Return the absolute path of the raw-data folder.
 
-    The environment variable ``S2M_RAW_DATA`` overrides ``config_value`` (the
-    config entry ``raw_data_dir``). A relative path is resolved against the
-    current working directory and ``~`` is expanded.
+    The environment variable ``S2M_RAW_DATA`` overrides ``config_value`` (in the
+    workflow, the config entry ``raw_data_dir``). A relative path is resolved
+    against the current working directory and ``~`` is expanded.
+    ``config_source`` names where ``config_value`` came from in error messages.
 
     Raises:
-        ValueError: neither the variable nor the config entry is set.
+        ValueError: neither the variable nor ``config_value`` is set.
         FileNotFoundError: the folder does not exist or is not a folder. The
             message names the path, where it came from and how to fix it.
     """
@@ -47,12 +51,11 @@ def resolve_raw_data_dir(config_value: str | os.PathLike | None) -> Path:
     if env_value:
         raw_value, source = env_value, f"environment variable {RAW_DATA_ENV_VAR}"
     elif config_value is not None and str(config_value).strip():
-        raw_value, source = str(config_value), "config entry raw_data_dir"
+        raw_value, source = str(config_value), config_source
     else:
         raise ValueError(
             f"No raw-data folder is set. Set the environment variable {RAW_DATA_ENV_VAR} "
-            "or `raw_data_dir` in config/config.yaml to the folder that contains "
-            "omniglot/, caltech101/ and mobilenet_v2/."
+            f"or `raw_data_dir` in config/config.yaml to the folder that contains {RAW_DATA_CONTENTS}."
         )
 
     path = Path(raw_value).expanduser()
@@ -62,11 +65,14 @@ def resolve_raw_data_dir(config_value: str | os.PathLike | None) -> Path:
 
     if not path.is_dir():
         problem = "is not a folder" if path.exists() else "not found"
-        raise FileNotFoundError(
-            f"Raw-data folder {path} (from the {source}) {problem}. "
-            f"Set {RAW_DATA_ENV_VAR} or `raw_data_dir` in config/config.yaml to the "
-            "folder that contains omniglot/, caltech101/ and mobilenet_v2/."
-        )
+        if env_value:
+            remedy = (
+                f"Set {RAW_DATA_ENV_VAR} to the folder that contains {RAW_DATA_CONTENTS}, "
+                f"or unset it to use the {config_source}."
+            )
+        else:
+            remedy = f"Set {RAW_DATA_ENV_VAR}, or the {config_source}, to the folder that contains {RAW_DATA_CONTENTS}."
+        raise FileNotFoundError(f"Raw-data folder {path} (from the {source}) {problem}. {remedy}")
     return path
 
 

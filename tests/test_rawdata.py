@@ -49,7 +49,29 @@ def test_resolve_missing_config_folder_names_source(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as error:
         rawdata.resolve_raw_data_dir(str(missing))
     assert str(missing) in str(error.value)
+    assert "config_value argument" in str(error.value)
+
+
+def test_pipeline_missing_folder_names_config_entry(tmp_path, monkeypatch):
+    from s2m.pipeline.common import raw_data_dir
+
+    monkeypatch.delenv(rawdata.RAW_DATA_ENV_VAR, raising=False)
+    missing = tmp_path / "nowhere"
+
+    with pytest.raises(FileNotFoundError) as error:
+        raw_data_dir({"raw_data_dir": str(missing)})
+    assert str(missing) in str(error.value)
     assert "config entry raw_data_dir" in str(error.value)
+
+
+def test_resolve_missing_env_folder_suggests_unsetting(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere"
+    monkeypatch.setenv(rawdata.RAW_DATA_ENV_VAR, str(missing))
+
+    with pytest.raises(FileNotFoundError) as error:
+        rawdata.resolve_raw_data_dir(str(tmp_path))
+    assert "environment variable S2M_RAW_DATA" in str(error.value)
+    assert "or unset it" in str(error.value)
 
 
 def test_resolve_file_instead_of_folder(tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ def raw_data_dir(config: dict) -> Path:
     path = Path(configured).expanduser()
     if not path.is_absolute():
         path = REPOSITORY_ROOT / path
-    return resolve_raw_data_dir(path)
+    return resolve_raw_data_dir(path, config_source="config entry raw_data_dir in config/config.yaml")
 
 
 def run_step(log_path: str | Path | None, step, *args, **kwargs):
