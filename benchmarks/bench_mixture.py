@@ -648,8 +648,8 @@ def write_section(path: Path, device: str, section: list[str]) -> None:
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="run small sizes only, for a check in about a minute")
-    parser.add_argument("--device", default="cpu", help="torch device to run on, for example cpu or cuda (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="run small sizes only, for a check in about 1.5 minutes")
+    parser.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--output", type=Path, help="Markdown file whose section for this device is replaced")
     parser.add_argument(
         "--threads",
@@ -658,7 +658,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads per worker for the backward measurements (default: all cores). "
         "The forward fit is measured with 1 thread and with all cores, for both libraries",
     )
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default: 5, quick: 3)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"R: the s2m forward fit is timed {FORWARD_REPEAT_FACTOR} R times, each backward "
+        f"{BACKWARD_REPEAT_FACTOR} R times and scikit-learn R times (default: 5, quick: 3)",
+    )
     parser.add_argument(
         "--dense-memory-limit-gb",
         type=float,
@@ -669,20 +675,64 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         "--dense-time-limit-s",
         type=float,
         default=300.0,
-        help="skip the dense solve above this estimated time in seconds per size",
+        help="skip the dense solve above this estimated time in seconds per size (default: 300)",
     )
-    return parser.parse_args(argv)
+    arguments = parser.parse_args(argv)
+    check_arguments(parser, arguments)
+    return arguments
+
+
+def check_arguments(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -> None:
+    """Reject option values that would fail or mislead only after minutes of measuring, through ``parser.error``."""
+    for option in ("repeats", "threads"):
+        value = getattr(arguments, option)
+        if value is not None and value < 1:
+            parser.error(f"--{option} must be at least 1, got {value}.")
+    for option in ("dense_memory_limit_gb", "dense_time_limit_s"):
+        value = getattr(arguments, option)
+        if not value >= 0:
+            parser.error(f"--{option.replace('_', '-')} must be 0 or more, got {value}.")
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", arguments.device):
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {arguments.device!r}.")
+    if arguments.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(
+                f"--device {arguments.device}: torch {torch.__version__} finds no CUDA device. "
+                "Run on a GPU machine with a CUDA build of torch, or use --device cpu."
+            )
+        index = int(arguments.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            parser.error(f"--device {arguments.device}: torch finds only {torch.cuda.device_count()} CUDA devices.")
+
+    if arguments.output is not None:
+        folder = arguments.output.parent
+        if not folder.is_dir():
+            parser.error(f"--output {arguments.output}: folder {folder} not found. Create it or choose another file.")
+        target = arguments.output if arguments.output.exists() else folder
+        if not os.access(target, os.W_OK):
+            parser.error(f"--output {arguments.output}: {target} is not writable.")
+        if arguments.quick:
+            logger.warning(
+                "--quick with --output replaces the %s section of %s with small, unjudged sizes.",
+                "CUDA" if arguments.device.startswith("cuda") else "CPU",
+                arguments.output,
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
-    arguments = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    arguments = parse_arguments(argv)
 
     plan = QUICK_PLAN if arguments.quick else FULL_PLAN
     cores = len(os.sched_getaffinity(0))
-    threads = arguments.threads or cores
+    threads = cores if arguments.threads is None else arguments.threads
     forward_threads = tuple(sorted({1, cores}))
-    repeats = arguments.repeats or (3 if arguments.quick else 5)
+    repeats = arguments.repeats
+    if repeats is None:
+        repeats = 3 if arguments.quick else 5
     settings = Settings(
         arguments.device, threads, forward_threads, repeats, arguments.dense_memory_limit_gb, arguments.dense_time_limit_s
     )

@@ -67,3 +67,41 @@ def test_code_line_names_commit(bench):
         assert re.search(r"measured on \d{4}-\d{2}-\d{2} \(UTC\)$", line)
     else:
         assert line.startswith("- code: unknown commit")
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        (["--repeats", "-2"], "--repeats must be at least 1, got -2"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--dense-time-limit-s", "-1"], "--dense-time-limit-s must be 0 or more, got -1.0"),
+        (["--dense-memory-limit-gb", "nan"], "--dense-memory-limit-gb must be 0 or more, got nan"),
+        (["--device", "gpu"], "--device must be cpu, cuda or cuda:N, got 'gpu'"),
+        (["--output", "/nonexistent-folder/page.md"], "folder /nonexistent-folder not found"),
+    ],
+)
+def test_invalid_option_rejected_before_measuring(bench, capsys, arguments, message):
+    with pytest.raises(SystemExit) as error:
+        bench.parse_arguments(arguments)
+
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_without_device_rejected(bench, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench.parse_arguments(["--device", "cuda"])
+
+    assert "finds no CUDA device" in capsys.readouterr().err
+
+
+def test_valid_options_accepted(bench, tmp_path):
+    arguments = bench.parse_arguments(["--repeats", "1", "--threads", "1", "--output", str(tmp_path / "page.md")])
+
+    assert arguments.repeats == 1
+    assert arguments.threads == 1
+    assert arguments.output == tmp_path / "page.md"
