@@ -312,13 +312,10 @@ def test_nan_padding_is_ignored_and_nan_member_rejected():
         (dict(max_iter=0), r"max_iter must be an int >= 1, got 0"),
         (dict(tol=-1.0), r"tol must be a number >= 0, got -1.0"),
         (dict(backward="adjoint"), r"backward must be one of .*'implicit'.*got 'adjoint'"),
-        (dict(init="random"), r"init must be one of .*got 'random'"),
-        (dict(variance_prior=VariancePrior(variance=-1.0)), r"variance_prior.variance must be .* got -1.0"),
-        (dict(variance_prior=VariancePrior(pseudo_count=0.0)), r"variance_prior.pseudo_count must be .* got 0.0"),
+        (dict(init="random"), r"init must be 'kmeans\+\+' or a \(weights, means, variances\) tuple or list of tensors, got the string 'random'"),
         (dict(mean_prior_count=-0.5), r"mean_prior_count must be a finite number >= 0, got -0.5"),
         (dict(weight_prior_count=float("nan")), r"weight_prior_count must be a finite number >= 0, got nan"),
         (dict(mean_prior_count=None), r"mean_prior_count must be a finite number >= 0, got None"),
-        (dict(variance_prior=VariancePrior(variance="a")), r"variance_prior.variance must be .* got 'a'"),
         (dict(tol=True), r"tol must be a number >= 0, got True"),
         (dict(n_components=2.0), r"n_components must be an int >= 1, got 2.0"),
         (dict(seed=2**70), r"seed must be an int from 0 to 2\*\*64 - 1, got 1180591620717411303424"),
@@ -332,6 +329,28 @@ def test_invalid_options_raise(arguments, message):
 
     with pytest.raises(ValueError, match=message):
         fit_diagonal_gmm(x, n_components, **options)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(variance=-1.0), r"variance_prior.variance must be .* got -1.0"),
+        (dict(variance="a"), r"variance_prior.variance must be .* got 'a'"),
+        (dict(variance=float("inf")), r"variance_prior.variance must be .* got inf"),
+        (dict(pseudo_count=0.0), r"variance_prior.pseudo_count must be .* got 0.0"),
+        (dict(pseudo_count=float("nan")), r"variance_prior.pseudo_count must be .* got nan"),
+    ],
+)
+def test_invalid_variance_prior_raises_at_creation(fields, message):
+    with pytest.raises(ValueError, match=message):
+        VariancePrior(**fields)
+
+
+def test_variance_prior_object_required():
+    x = clustered_sets(2, 6, 3, 2, seed=40)
+
+    with pytest.raises(ValueError, match=r"variance_prior must be a VariancePrior, got dict"):
+        fit_diagonal_gmm(x, 2, variance_prior={"variance": 1.0})
 
 
 @pytest.mark.parametrize(
@@ -359,7 +378,7 @@ def test_invalid_init_tuple_raises():
         fit_diagonal_gmm(x, 2, init=(weights, means.numpy(), variances))
     with pytest.raises(ValueError, match=r"init means is torch.float32 on cpu, but x is torch.float64 on cpu"):
         fit_diagonal_gmm(x, 2, init=(weights, means.float(), variances))
-    with pytest.raises(ValueError, match=r"tuple, got a tuple of 2 items"):
+    with pytest.raises(ValueError, match=r"tuple or list of tensors, got a tuple of 2 items"):
         fit_diagonal_gmm(x, 2, init=(weights, means))
     with pytest.raises(ValueError, match=r"init variances must be at least the smallest normal torch.float64 number"):
         fit_diagonal_gmm(x, 2, init=(weights, means, -variances))
@@ -394,6 +413,17 @@ def test_init_requiring_grad_accepted_quietly():
         fit = fit_diagonal_gmm(x, 2, init=start, tol=1e-3)
 
     assert fit.converged.all()
+
+
+def test_init_list_matches_tuple():
+    x = clustered_sets(2, 6, 3, 2, seed=41)
+    start = collapsing_start(x)
+
+    from_tuple = fit_diagonal_gmm(x, 2, init=tuple(start), tol=1e-3)
+    from_list = fit_diagonal_gmm(x, 2, init=list(start), tol=1e-3)
+
+    assert torch.equal(from_list.means, from_tuple.means)
+    assert torch.equal(from_list.variances, from_tuple.variances)
 
 
 def test_overflowing_init_warns_not_finite():

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 BACKWARD_MODES = ("implicit", "unrolled")
 INIT_MODES = ("kmeans++",)
+INIT_REQUIREMENT = "'kmeans++' or a (weights, means, variances) tuple or list of tensors"
 
 
 class ConvergenceWarning(UserWarning):
@@ -171,7 +172,7 @@ def fit_diagonal_gmm(
     seed : int
         Seed of the k-means++ draws. The same seed gives the same fit on a rerun.
     init : "kmeans++" or (weights, means, variances)
-        Initialisation. A tuple gives the initial parameters, tensors of shapes (B, K),
+        Initialisation. A tuple or list gives the initial parameters, tensors of shapes (B, K),
         (B, K, D) and (B, K, D) with the dtype and device of ``x``, and EM starts from
         them. They must be finite, the weights positive with a sum of 1 per set, and the
         variances at least the smallest normal number of the dtype. No gradient flows to them.
@@ -208,7 +209,7 @@ def fit_diagonal_gmm(
     check_set_sizes(member, n_components)
 
     if isinstance(init, str) and init not in INIT_MODES:
-        raise ValueError(f"init must be one of {INIT_MODES} or a (weights, means, variances) tuple, got {init!r}.")
+        raise ValueError(f"init must be {INIT_REQUIREMENT}, got the string {init!r}.")
 
     start = None if isinstance(init, str) else check_initial_parameters(init, x, n_components)
 
@@ -270,7 +271,7 @@ def check_initial_parameters(init: tuple, x: Tensor, n_components: int) -> tuple
             got = f"a {type(init).__name__} of {len(init)} items"
         else:
             got = type(init).__name__
-        raise ValueError(f"init must be 'kmeans++' or a (weights, means, variances) tuple, got {got}.")
+        raise ValueError(f"init must be {INIT_REQUIREMENT}, got {got}.")
 
     batch_size, _, dim = x.shape
     shapes = ((batch_size, n_components), (batch_size, n_components, dim), (batch_size, n_components, dim))

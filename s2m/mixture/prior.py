@@ -64,10 +64,32 @@ class VariancePrior:
     pseudo_count : float
         :math:`n_0`, the weight of the prior in points. The default 1.0 lets one point's
         worth of prior variance bound the variance of a component away from zero.
+
+    Raises
+    ------
+    ValueError
+        If ``variance`` is neither None nor a finite number > 0, or ``pseudo_count`` is not
+        a finite number > 0.
     """
 
     variance: float | None = None
     pseudo_count: float = 1.0
+
+    def __post_init__(self) -> None:
+        variance = self.variance
+        if variance is not None and not (is_real(variance) and math.isfinite(variance) and variance > 0):
+            raise ValueError(
+                f"variance_prior.variance must be a finite number > 0, got {variance!r}; "
+                "pass None for the default 0.1 / D."
+            )
+
+        count = self.pseudo_count
+        if not (is_real(count) and math.isfinite(count) and count > 0):
+            raise ValueError(
+                f"variance_prior.pseudo_count must be a finite number > 0, got {count!r}; "
+                "without it a dimension with zero variance would get a zero variance. "
+                "Pass a small value such as 1e-6 for a nearly flat prior."
+            )
 
 
 @dataclass(frozen=True)
@@ -103,7 +125,8 @@ def resolve_penalty(
     Raises
     ------
     ValueError
-        If a prior constant is negative, not finite, or (for the variance prior) zero.
+        If ``variance_prior`` is not a :class:`VariancePrior`, or a prior count is negative
+        or not finite.
     """
     if not isinstance(variance_prior, VariancePrior):
         raise ValueError(
@@ -111,22 +134,11 @@ def resolve_penalty(
             "pass for example VariancePrior(variance=1e-3, pseudo_count=1.0)."
         )
 
+    # VariancePrior checks its own fields when it is created.
     variance = variance_prior.variance
     if variance is None:
         variance = DEFAULT_RELATIVE_VARIANCE / dim
-    if not (is_real(variance) and math.isfinite(variance) and variance > 0):
-        raise ValueError(
-            f"variance_prior.variance must be a finite number > 0, got {variance_prior.variance!r}; "
-            "pass None for the default 0.1 / D."
-        )
-
     count = variance_prior.pseudo_count
-    if not (is_real(count) and math.isfinite(count) and count > 0):
-        raise ValueError(
-            f"variance_prior.pseudo_count must be a finite number > 0, got {count!r}; "
-            "without it a dimension with zero variance would get a zero variance. "
-            "Pass a small value such as 1e-6 for a nearly flat prior."
-        )
 
     for name, value in (("mean_prior_count", mean_prior_count), ("weight_prior_count", weight_prior_count)):
         if not (is_real(value) and math.isfinite(value) and value >= 0):
