@@ -131,6 +131,14 @@ def load_embedding(path: str | Path, map_location="cpu") -> tuple[nn.Module, dic
     return network, state["spec"], state["metadata"]
 
 
+def read_embedding_metadata(path: str | Path) -> dict:
+    """Return the metadata of a checkpoint written by :func:`save_embedding`, without building its network."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Embedding checkpoint {path} not found. Run the training step first.")
+    return torch.load(path, map_location="cpu", weights_only=False)["metadata"]
+
+
 def load_network_inputs(dataset_dir: str | Path, spec: dict, features_path: str | Path | None = None) -> Tensor:
     """Load the inputs of every image of a dataset in the form the network takes.
 

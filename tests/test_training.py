@@ -55,6 +55,24 @@ def test_meta_training_runs_and_keeps_best(spec):
     assert validation_map(network, validation, spec, "cpu") == pytest.approx(best, abs=1e-6)
 
 
+def test_training_environments_counted(tmp_path):
+    from s2m.pipeline.reporting import training_environments
+
+    network = ConvNetEmbedding(channels=8, descriptor_dim=6)
+    spec = {"architecture": "convnet", "channels": 8, "descriptor_dim": 6}
+    save_embedding(tmp_path / "a.pt", network, spec, {"device": "cpu", "torch": "2.13.0+cpu"})
+    save_embedding(tmp_path / "b.pt", network, spec, {"device": "cpu", "torch": "2.13.0+cpu"})
+    save_embedding(tmp_path / "c.pt", network, spec, {"device": "cuda:0", "torch": "2.13.0+cu128"})
+    save_embedding(tmp_path / "d.pt", network, spec, {"kind": "older checkpoint"})
+    paths = [tmp_path / name for name in ("a.pt", "b.pt", "c.pt", "d.pt")]
+
+    summary = training_environments(paths)
+
+    assert summary == (
+        "cpu with torch 2.13.0+cpu (2 of 4), cuda:0 with torch 2.13.0+cu128 (1 of 4), not recorded (1 of 4)"
+    )
+
+
 def test_checkpoint_round_trip(tmp_path):
     network = ConvNetEmbedding(channels=8, descriptor_dim=6)
     spec = {"architecture": "convnet", "channels": 8, "descriptor_dim": 6}

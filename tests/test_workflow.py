@@ -93,6 +93,16 @@ def test_every_rule_has_log_and_benchmark(tiny_run):
 
 
 @pytest.mark.workflow
+def test_report_names_training_device(tiny_run):
+    default, _ = _tiny_config()
+    n_checkpoints = 2 * (1 + len(default["meta_trained"]))
+    device = select_device(default["device"])
+    expected = f"- embeddings trained on: {device} with torch {torch.__version__} ({n_checkpoints} of {n_checkpoints})"
+
+    assert expected in (tiny_run / "report.md").read_text()
+
+
+@pytest.mark.workflow
 def test_per_concept_aps_written(tiny_run):
     aps = pd.read_csv(tiny_run / "omniglot" / "aps" / "s2m_gmm_k2.csv")
     assert set(aps["protocol"]) == {"noise-0.0", "noise-0.3"}

@@ -102,8 +102,27 @@ def _validation_summary(history_paths: list[str | Path], dataset: str) -> pd.Dat
     return pd.DataFrame(rows)
 
 
+def training_environments(model_paths: list[str | Path]) -> str:
+    """Summarise the devices and torch versions recorded in embedding checkpoints, with a count for each."""
+    from s2m.embeddings import read_embedding_metadata
+
+    counts: dict[str, int] = {}
+    for path in model_paths:
+        metadata = read_embedding_metadata(path)
+        if "device" in metadata:
+            environment = f"{metadata['device']} with torch {metadata.get('torch', 'of unknown version')}"
+        else:
+            environment = "not recorded"
+        counts[environment] = counts.get(environment, 0) + 1
+    return ", ".join(f"{environment} ({count} of {len(model_paths)})" for environment, count in counts.items())
+
+
 def report_step(
-    config: dict, table_paths: list[str | Path], history_paths: list[str | Path], out_path: str | Path
+    config: dict,
+    table_paths: list[str | Path],
+    history_paths: list[str | Path],
+    model_paths: list[str | Path],
+    out_path: str | Path,
 ) -> None:
     """Write a Markdown report with every table, figure, validation curve summary and timing."""
     from s2m.reporting import provenance
@@ -117,6 +136,7 @@ def report_step(
         f"- config SHA-256: `{info.get('config_sha256')}`",
         f"- created (UTC): {info['created_utc']}",
         "- packages: " + ", ".join(f"{name} {version}" for name, version in info["versions"].items()),
+        f"- embeddings trained on: {training_environments(model_paths)}",
         "",
     ]
 

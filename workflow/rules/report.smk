@@ -29,6 +29,11 @@ rule report:
             dataset=DATASETS,
             variant=VARIANTS,
         ),
+        models=expand(
+            f"{RESULTS}/{{dataset}}/models/{{embedding}}.pt",
+            dataset=DATASETS,
+            embedding=["pretrained", *VARIANTS],
+        ),
     output:
         f"{RESULTS}/report.md",
     log:

@@ -9,5 +9,6 @@ run_step(
     snakemake.config,
     list(snakemake.input.tables),
     list(snakemake.input.histories),
+    list(snakemake.input.models),
     snakemake.output[0],
 )
