@@ -267,6 +267,11 @@ def _polysemous_sets(
     return sets
 
 
+def _stream_key(name: str) -> int:
+    """Map a name to a 32-bit key for a seed sequence, the same in every process (unlike ``hash``)."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+
+
 def _noise_pool(
     image_table: pd.DataFrame, reserved: dict[str, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -291,22 +296,25 @@ def make_problem_set(
         Columns ``image_id``, ``concept`` and ``split``, one row per image.
     protocol : Protocol
     seed : int
-        Base seed of the run. The reservation of concept-set candidates uses
-        it alone, so that every protocol shares the gallery. The noise draw
-        also uses the protocol name.
+        Base seed of the run. The reservation of concept-set candidates and
+        the pairing of polysemous concepts use it alone, so that protocols
+        with the same set size share the gallery and the polysemous ones
+        share their pairs. The noise draw also uses the protocol name.
 
     Returns
     -------
     ProblemSet
     """
     reserved, gallery = reserve_concept_sets(image_table, protocol.set_size, seed)
-    protocol_key = int(hashlib.sha256(protocol.name.encode()).hexdigest()[:8], 16)
-    rng = np.random.default_rng([seed, protocol_key])
+    rng = np.random.default_rng([seed, _stream_key(protocol.name)])
 
     if protocol.categories_per_concept == 1:
         sets = [(c, (c,), members) for c, members in sorted(reserved.items())]
     else:
-        sets = _polysemous_sets(reserved, protocol.set_size, rng)
+        # The pairing uses the seed alone, so that polysemous protocols which differ only in
+        # their noise pair the same categories and their columns compare like with like.
+        pairing_rng = np.random.default_rng([seed, _stream_key("polysemous pairing")])
+        sets = _polysemous_sets(reserved, protocol.set_size, pairing_rng)
 
     noise_ids, noise_owners = _noise_pool(image_table, reserved)
     owner_codes, owner_names = pd.factorize(noise_owners)

@@ -102,6 +102,20 @@ def test_polysemous_concepts_mix_two_categories():
     assert relevance.sum(axis=1).tolist() == [8] * 6
 
 
+def test_polysemous_protocols_share_pairs():
+    table = _image_table(n_test=8, per_concept=10, n_clutter_noise=20)
+    clean = make_problem_set(table, Protocol("polysemous-0.00", set_size=6, categories_per_concept=2), seed=4)
+    noisy = make_problem_set(
+        table, Protocol("polysemous-0.50", set_size=6, noise_fraction=0.5, categories_per_concept=2), seed=4
+    )
+    other_seed = make_problem_set(table, Protocol("polysemous-0.00", set_size=6, categories_per_concept=2), seed=5)
+
+    pairs = [problem.positive_concepts for problem in clean.problems]
+    assert [problem.positive_concepts for problem in noisy.problems] == pairs
+    assert [problem.positive_concepts for problem in other_seed.problems] != pairs
+    assert [int(problem.is_noise.sum()) for problem in noisy.problems] == [3] * 8
+
+
 def test_same_seed_same_problems_and_round_trip(tmp_path):
     table = _image_table(per_concept=12)
     protocol = Protocol("noise-0.2", set_size=5, noise_fraction=0.2)
