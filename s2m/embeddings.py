@@ -120,11 +120,7 @@ def load_embedding(path: str | Path, map_location="cpu") -> tuple[nn.Module, dic
     spec : dict
     metadata : dict
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Embedding checkpoint {path} not found. Run the training step first.")
-
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    state = _read_checkpoint(path, map_location)
     network = build_embedding(state["spec"])
     network.load_state_dict(state["state_dict"])
     network.eval()
@@ -133,10 +129,14 @@ def load_embedding(path: str | Path, map_location="cpu") -> tuple[nn.Module, dic
 
 def read_embedding_metadata(path: str | Path) -> dict:
     """Return the metadata of a checkpoint written by :func:`save_embedding`, without building its network."""
+    return _read_checkpoint(path, "cpu")["metadata"]
+
+
+def _read_checkpoint(path: str | Path, map_location) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Embedding checkpoint {path} not found. Run the training step first.")
-    return torch.load(path, map_location="cpu", weights_only=False)["metadata"]
+    return torch.load(path, map_location=map_location, weights_only=False)
 
 
 def load_network_inputs(dataset_dir: str | Path, spec: dict, features_path: str | Path | None = None) -> Tensor:

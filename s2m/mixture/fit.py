@@ -275,6 +275,8 @@ def check_initial_parameters(init: tuple, x: Tensor, n_components: int) -> tuple
 
     batch_size, _, dim = x.shape
     shapes = ((batch_size, n_components), (batch_size, n_components, dim), (batch_size, n_components, dim))
+    # With a subnormal variance, 1 / variance can overflow, and the fit becomes NaN.
+    tiny = torch.finfo(x.dtype).tiny
     for name, tensor, shape in zip(("weights", "means", "variances"), init, shapes):
         if not isinstance(tensor, Tensor):
             raise ValueError(
@@ -306,8 +308,6 @@ def check_initial_parameters(init: tuple, x: Tensor, n_components: int) -> tuple
                 "pass positive weights."
             )
 
-        # With a subnormal variance, 1 / variance can overflow, and the fit becomes NaN.
-        tiny = torch.finfo(x.dtype).tiny
         if name == "variances" and smallest < tiny:
             raise ValueError(
                 f"init variances must be at least the smallest normal {x.dtype} number, {tiny:.3g}, got "
