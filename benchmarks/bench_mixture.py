@@ -683,13 +683,17 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_arguments(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -> None:
-    """Reject option values that would fail or mislead only after minutes of measuring, through ``parser.error``."""
+    """Reject invalid option values through ``parser.error`` before anything is measured.
+
+    Otherwise they would fail, or mislead, only after minutes of measuring.
+    """
     for option in ("repeats", "threads"):
         value = getattr(arguments, option)
         if value is not None and value < 1:
             parser.error(f"--{option} must be at least 1, got {value}.")
     for option in ("dense_memory_limit_gb", "dense_time_limit_s"):
         value = getattr(arguments, option)
+        # Written with "not" so that NaN is rejected too.
         if not value >= 0:
             parser.error(f"--{option.replace('_', '-')} must be 0 or more, got {value}.")
 

@@ -134,9 +134,9 @@ def check_baselines(entries: dict) -> None:
     ------
     ConfigError
         If the ``baselines`` package defines a class without a name or two classes with
-        the same name, or if a baseline name or parameter is invalid. For the latter the
-        message names the entry and repeats the baseline's own message, which lists the
-        available names or the accepted parameters.
+        the same name. Also if a baseline name or parameter is invalid: then the message
+        names the entry and repeats the baseline's own message, which lists the available
+        names or the accepted parameters.
     """
     from baselines import discover_baselines, get_baseline
 

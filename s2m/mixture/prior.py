@@ -79,15 +79,15 @@ class VariancePrior:
         variance = self.variance
         if variance is not None and not (is_real(variance) and math.isfinite(variance) and variance > 0):
             raise ValueError(
-                f"variance_prior.variance must be a finite number > 0, got {variance!r}; "
-                "pass None for the default 0.1 / D."
+                f"variance_prior.variance must be a finite number > 0, got {variance!r}. "
+                "Pass None for the default 0.1 / D."
             )
 
         count = self.pseudo_count
         if not (is_real(count) and math.isfinite(count) and count > 0):
             raise ValueError(
-                f"variance_prior.pseudo_count must be a finite number > 0, got {count!r}; "
-                "without it a dimension with zero variance would get a zero variance. "
+                f"variance_prior.pseudo_count must be a finite number > 0, got {count!r}. "
+                "Without it, a dimension with zero variance would get a zero variance. "
                 "Pass a small value such as 1e-6 for a nearly flat prior."
             )
 

@@ -54,7 +54,10 @@ def set_model_spec(config: dict, variant: str) -> SetModelSpec:
 
 
 def run_environment(device: torch.device) -> dict:
-    """Return the device and torch version of a training run, for its checkpoint, since CPU and CUDA runs give different weights."""
+    """Return the device and torch version of a training run, for its checkpoint.
+
+    CPU and CUDA runs of the same config give different weights.
+    """
     return {"device": str(device), "torch": torch.__version__}
 
 
