@@ -255,6 +255,31 @@ def test_hard_assignment_path_matches_woodbury_path():
     torch.testing.assert_close(hard, general, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_soft_points_are_those_with_mass_above_eps_squared_outside_the_top_component(dtype):
+    eps_squared = torch.finfo(dtype).eps ** 2
+    # Other mass per point, spread over 3 components: 0.9, 1.02 and 3 times eps ** 2, then a
+    # point with its whole other mass 2 eps ** 2 on one component, then a clearly soft point.
+    spread = torch.tensor([0.3, 0.34, 1.0], dtype=torch.float64) * eps_squared
+    rows = [[1.0 - 3 * value, value, value, value] for value in spread.tolist()]
+    rows += [[2 * eps_squared, 1.0 - 2 * eps_squared, 0.0, 0.0], [0.5, 0.25, 0.25, 0.0]]
+    responsibilities = torch.tensor([rows], dtype=dtype)
+    x = torch.randn(1, 5, 3, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    means = torch.zeros(1, 4, 3, dtype=dtype)
+    variances = torch.ones(1, 4, 3, dtype=dtype)
+
+    soft = gather_soft_points(x, responsibilities, means, variances)
+    assert soft.index.tolist() == [[1, 2, 3, 4]]
+
+    # Each point alone next to a one-hot point, so that no other point decides the batch.
+    for row, expected in enumerate([False, True, True, True, True]):
+        pair = torch.cat([responsibilities[:, row : row + 1], torch.eye(4, dtype=dtype)[:1].unsqueeze(0)], dim=1)
+        soft = gather_soft_points(x[:, :2], pair, means, variances)
+        assert (soft is not None) == expected, row
+        if expected:
+            assert soft.index.tolist() == [[0]]
+
+
 def test_one_component_em_gradient_matches_closed_form():
     x = clustered_sets(3, 8, 5, 2, seed=25).requires_grad_(True)
     mask = torch.ones(3, 8, dtype=torch.bool)

@@ -46,8 +46,8 @@ responsibilities. A point whose responsibilities are one-hot up to a mass of
 :math:`\\epsilon^2` on the other components (:math:`\\epsilon` the machine epsilon)
 contributes below rounding error to :math:`H`, because :math:`|g_{ik} - g_{ij}|^2` grows
 only like the squared Mahalanobis distance while :math:`r_{ij}` decays exponentially with
-it, so such points are left out. The backward pass costs one (N, K) x (K, 2D) matrix
-product per set plus :math:`O(K S^2 D + (SK)^3)` for the soft points, against
+it, so such points are left out. The backward pass costs two (N, K) x (K, D) matrix
+products per set plus :math:`O(K S^2 D + (SK)^3)` for the soft points, against
 :math:`O(P^3)` for the dense solve.
 """
 
@@ -238,11 +238,18 @@ def gather_soft_points(x: Tensor, responsibilities: Tensor, means: Tensor, varia
     if n_components == 1:
         return None
 
+    # A point with at most one responsibility above eps ** 2 / (K - 1) has at most eps ** 2
+    # outside its top component. This quick test settles the common all-hard batch.
+    threshold = torch.finfo(x.dtype).eps ** 2
+    n_above = (responsibilities > threshold / (n_components - 1)).sum(dim=-1)
+    if int(n_above.max()) <= 1:
+        return None
+
     # Sum the mass outside the most likely component directly, because 1 - max_k r_ik would
     # round to 0 far above eps ** 2.
     top = responsibilities.argmax(dim=-1, keepdim=True)
     other_mass = responsibilities.scatter(-1, top, 0.0).sum(dim=-1)
-    soft = other_mass > torch.finfo(x.dtype).eps ** 2
+    soft = other_mass > threshold
     if not bool(soft.any()):
         return None
 
@@ -478,9 +485,12 @@ def mix_affine_terms(x: Tensor, responsibilities: Tensor, constant: Tensor, line
     # are slower than one elementwise pass.
     if responsibilities.shape[-1] == 1:
         return torch.addcmul(constant, x, linear, value=-1.0).mul_(responsibilities)
-    combined = torch.bmm(responsibilities, torch.cat([constant, linear], dim=-1))
-    gradient, weighted_linear = combined.split(x.shape[-1], dim=-1)
-    return gradient.addcmul_(x, weighted_linear, value=-1.0)
+
+    # Two products with contiguous outputs: one product with [a, c] side by side, split
+    # afterwards, made the final addcmul read strided halves and took 1.7 times as long
+    # at B = 8, N = 50, D = 256, K = 4.
+    gradient = torch.bmm(responsibilities, constant)
+    return gradient.addcmul_(x, torch.bmm(responsibilities, linear), value=-1.0)
 
 
 def failure_remedy(penalty: Penalty, backward: str = "implicit") -> str:
