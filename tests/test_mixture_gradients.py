@@ -256,7 +256,7 @@ def test_hard_assignment_path_matches_woodbury_path():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_soft_points_are_those_with_mass_above_eps_squared_outside_the_top_component(dtype):
+def test_soft_points_threshold_eps_squared(dtype):
     eps_squared = torch.finfo(dtype).eps ** 2
     # Other mass per point, spread over 3 components: 0.9, 1.02 and 3 times eps ** 2, then a
     # point with its whole other mass 2 eps ** 2 on one component, then a clearly soft point.

@@ -486,9 +486,9 @@ def mix_affine_terms(x: Tensor, responsibilities: Tensor, constant: Tensor, line
     if responsibilities.shape[-1] == 1:
         return torch.addcmul(constant, x, linear, value=-1.0).mul_(responsibilities)
 
-    # Two products with contiguous outputs: one product with [a, c] side by side, split
-    # afterwards, made the final addcmul read strided halves and took 1.7 times as long
-    # at B = 8, N = 50, D = 256, K = 4.
+    # Two products with contiguous outputs. One product with [a, c] side by side, split
+    # afterwards, makes the addcmul read strided halves: measured 1.7 times as slow at
+    # B = 8, N = 50, D = 256, K = 4.
     gradient = torch.bmm(responsibilities, constant)
     return gradient.addcmul_(x, torch.bmm(responsibilities, linear), value=-1.0)
 
