@@ -8,6 +8,7 @@ ranking is computed against the gallery items relevant to the concept.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -338,6 +339,11 @@ def mean_average_precision(
     -------
     estimate : MAPEstimate
         ``mean`` of the APs, interval ``low`` and ``high``, ``n_concepts``.
+
+    Warns
+    -----
+    RuntimeWarning
+        If ``aps`` contains a single concept, whose interval has zero width.
     """
     aps = np.asarray(aps, dtype=np.float64)
     if aps.ndim != 1 or aps.size == 0:
@@ -350,6 +356,14 @@ def mean_average_precision(
         raise ValueError(f"n_bootstrap must be a positive integer; got {n_bootstrap!r}.")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence!r}.")
+
+    if aps.size == 1:
+        message = (
+            "mean_average_precision got the AP of 1 concept, so every bootstrap replicate is that AP "
+            "and the interval has zero width. Evaluate more concepts for a meaningful interval."
+        )
+        logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     replicate_means = _bootstrap_means(aps, n_bootstrap, np.random.default_rng(seed))
     alpha = 1.0 - confidence

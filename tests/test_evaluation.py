@@ -263,7 +263,8 @@ def test_bootstrap_chunking_keeps_result(monkeypatch):
 
 
 def test_bootstrap_single_concept_is_degenerate():
-    estimate = mean_average_precision(np.array([0.4]), n_bootstrap=100)
+    with pytest.warns(RuntimeWarning, match="1 concept.*zero width"):
+        estimate = mean_average_precision(np.array([0.4]), n_bootstrap=100)
 
     assert (estimate.mean, estimate.low, estimate.high) == pytest.approx((0.4, 0.4, 0.4))
 
