@@ -60,6 +60,8 @@ def test_empty_set_raises_for_gaussian():
     with pytest.raises(ValueError, match=r"sets \[1\] have \[0\] members. Drop those sets") as error:
         fit_diagonal_gaussian(x, mask)
     assert "fit_diagonal_gaussian" not in str(error.value)
+    assert "Every set needs at least 1 member," in str(error.value)
+    assert "n_components" not in str(error.value)
 
 
 def test_duplicated_points_fit_and_gradient():
@@ -359,7 +361,7 @@ def test_variance_prior_object_required():
         (torch.zeros(6, 3), None, r"x must have shape \(B, N, D\), got shape \(6, 3\)"),
         (torch.zeros(2, 6, 3, dtype=torch.int64), None, r"x must be float32 or float64, got torch.int64"),
         (torch.zeros(2, 6, 3), torch.ones(2, 5, dtype=torch.bool), r"mask must have shape \(2, 6\)"),
-        (torch.zeros(2, 6, 3), torch.ones(2, 6), r"mask must be a bool tensor .* got torch.float32"),
+        (torch.zeros(2, 6, 3), torch.ones(2, 6), r"mask must be a bool tensor .* got torch.float32; convert it"),
         (torch.zeros(2, 6, 3), np.ones((2, 6), dtype=bool), r"got ndarray; convert it with torch.as_tensor"),
     ],
 )
@@ -380,8 +382,10 @@ def test_invalid_init_tuple_raises():
         fit_diagonal_gmm(x, 2, init=(weights, means.float(), variances))
     with pytest.raises(ValueError, match=r"tuple or list of tensors, got a tuple of 2 items"):
         fit_diagonal_gmm(x, 2, init=(weights, means))
-    with pytest.raises(ValueError, match=r"init variances must be at least the smallest normal torch.float64 number"):
+    with pytest.raises(ValueError, match=r"init variances must be positive, got -\d"):
         fit_diagonal_gmm(x, 2, init=(weights, means, -variances))
+    with pytest.raises(ValueError, match=r"init variances must be at least the smallest normal torch.float64 number"):
+        fit_diagonal_gmm(x, 2, init=(weights, means, variances * 1e-310))
     tiny_variances = variances.clone()
     tiny_variances[0, 1, 2] = 1e-320
     with pytest.raises(ValueError, match=r"got 1e-320 at set 0, component 1, dimension 2"):
@@ -413,6 +417,18 @@ def test_init_requiring_grad_accepted_quietly():
         fit = fit_diagonal_gmm(x, 2, init=start, tol=1e-3)
 
     assert fit.converged.all()
+
+
+@pytest.mark.parametrize("backward", ["implicit", "unrolled"])
+def test_init_gets_no_gradient(backward):
+    x = clustered_sets(2, 6, 3, 2, seed=41).requires_grad_(True)
+    start = tuple(tensor.clone().requires_grad_(True) for tensor in collapsing_start(x.detach()))
+
+    fit = fit_diagonal_gmm(x, 2, init=start, max_iter=3, backward=backward)
+    (fit.means.sum() + fit.variances.sum() + fit.weights[:, 0].sum()).backward()
+
+    assert x.grad is not None
+    assert all(tensor.grad is None for tensor in start)
 
 
 def test_init_list_matches_tuple():

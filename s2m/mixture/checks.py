@@ -79,7 +79,10 @@ def validate_points(
                 f"convert it with torch.as_tensor({mask_name}, dtype=torch.bool, device={name}.device)."
             )
         if mask.dtype != torch.bool:
-            raise ValueError(f"{mask_name} must be a bool tensor (True for members), got {mask.dtype}.")
+            raise ValueError(
+                f"{mask_name} must be a bool tensor (True for members), got {mask.dtype}; "
+                f"convert it with {mask_name} != 0 or {mask_name}.bool()."
+            )
         if mask.shape != x.shape[:2]:
             raise ValueError(f"{mask_name} must have shape {tuple(x.shape[:2])} to match {name}, got {tuple(mask.shape)}.")
         if mask.device != x.device:
