@@ -21,6 +21,9 @@ from s2m.mixture.implicit import (
     ImplicitEMFit,
     gather_soft_points,
     hard_assignment_vjp,
+    lower_bound_terms,
+    objective_direct,
+    pack_parameters,
     parameter_cotangent,
     solve_structured,
     stationarity_vjp,
@@ -245,13 +248,12 @@ def test_hard_assignment_path_matches_woodbury_path():
     parameters = (fit.weights.detach(), fit.means.detach(), fit.variances.detach())
     responsibilities, _ = e_step(point_features(x), member, *parameters, penalty)
     grad_weights, grad_means, grad_variances = random_cotangents(fit, 11)
-    scale = torch.tensor([0.3, -0.7], dtype=torch.float64)
 
-    hard = hard_assignment_vjp(x, responsibilities, *parameters[1:], grad_means, grad_variances, scale, penalty)
+    hard = hard_assignment_vjp(x, responsibilities, *parameters[1:], grad_means, grad_variances, penalty)
     vector = parameter_cotangent(parameters[0], parameters[2], grad_weights, grad_means, grad_variances)
     solution, soft, _ = solve_structured(x, member, responsibilities, *parameters, vector, penalty)
     assert soft is None
-    general = stationarity_vjp(x, responsibilities, *parameters[1:], solution, None, scale)
+    general = stationarity_vjp(x, responsibilities, *parameters[1:], solution, None)
     torch.testing.assert_close(hard, general, rtol=1e-12, atol=1e-14)
 
 
@@ -278,6 +280,55 @@ def test_soft_points_threshold_eps_squared(dtype):
         assert (soft is not None) == expected, row
         if expected:
             assert soft.index.tolist() == [[0]]
+
+
+@pytest.mark.parametrize("n_components", [2, 3])
+def test_lower_bound_terms_match_autograd(n_components):
+    x = clustered_sets(2, 9, 3, n_components, noise=0.6, normalize=False, seed=34)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    points, member = validate_points(x, mask)
+    penalty = resolve_penalty(3, VariancePrior(variance=0.05, pseudo_count=0.5), 0.3, 0.2)
+    # Two iterations leave the parameters well away from the stationary point.
+    start = initial_parameters(points, member, n_components, 0, penalty)
+    result = run_em(point_features(points), member, *start, penalty, 2, -math.inf)
+    parameters = (result.weights, result.means, result.variances)
+    scale = torch.tensor([0.7, -1.3], dtype=torch.float64)
+
+    cotangent, direct = lower_bound_terms(points, member, result.responsibilities, *parameters, scale, penalty)
+
+    theta = pack_parameters(*parameters)
+    for index in range(2):
+
+        def objective(parameters, points, index=index):
+            return objective_direct(parameters, points, member[index], n_components, penalty)
+
+        expected_theta = scale[index] * torch.func.grad(objective, argnums=0)(theta[index], points[index])
+        expected_x = scale[index] * torch.func.grad(objective, argnums=1)(theta[index], points[index])
+        torch.testing.assert_close(cotangent.pack()[index], expected_theta, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(direct[index], expected_x, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_lower_bound_gradient_with_point_component():
+    # One outlier gets a component of its own, whose variance sits at the prior floor of
+    # about 1e-10, so any rounding in x - mu is divided by 1e-10.
+    x = clustered_sets(1, 11, 2, 1, noise=0.1, normalize=False, seed=35)
+    x[0, 0] += 3.0
+    options = dict(
+        variance_prior=VariancePrior(variance=1.0, pseudo_count=1e-10), mean_prior_count=0.0, weight_prior_count=0.0
+    )
+    gradients = {}
+    for dtype in (torch.float64, torch.float32):
+        points = x.to(dtype).requires_grad_(True)
+        fit = fit_diagonal_gmm(points, 2, **options)
+        (gradient,) = torch.autograd.grad(fit.lower_bound.sum(), points)
+        gradients[dtype] = gradient.double()
+
+    assert fit.variances.min() < 1e-9
+    scale = gradients[torch.float64].abs().max()
+    assert gradients[torch.float64][0, 0].abs().max() < 1e-6 * scale
+    assert gradients[torch.float32][0, 0].abs().max() < 1e-5 * scale
+    torch.testing.assert_close(gradients[torch.float32], gradients[torch.float64], rtol=0, atol=1e-5 * scale.item())
 
 
 def test_one_component_em_gradient_matches_closed_form():

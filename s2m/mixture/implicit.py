@@ -395,9 +395,8 @@ def stationarity_vjp(
     variances: Tensor,
     solution: ParameterVector,
     soft: SoftPoints | None,
-    lower_bound_scale: Tensor | None,
 ) -> Tensor:
-    """Compute :math:`-\\nabla_X (\\nabla_\\theta \\mathcal{L}^\\top w)` plus the direct gradient of the lower bound, as (B, N, D).
+    """Compute :math:`-\\nabla_X (\\nabla_\\theta \\mathcal{L}^\\top w)`, as (B, N, D).
 
     With :math:`q_{ik} = g_{ik}^\\top w`, :math:`\\bar q_i = \\sum_k r_{ik} q_{ik}` and the
     logit part of :math:`g_{ik}` taken as :math:`e_k` (the shift by :math:`\\pi` cancels in
@@ -410,17 +409,11 @@ def stationarity_vjp(
         + \\big(w^s_k - (q_{ik} - \\bar q_i)\\big) \\frac{x_i - \\mu_k}{\\sigma^2_k} \\Big].
 
     The term in :math:`q_{ik} - \\bar q_i` vanishes for one-hot responsibilities, so it is
-    evaluated on the soft points only. The lower bound :math:`\\mathcal{L}(\\theta^*, X) / N`
-    is a maximum over :math:`\\theta`, so its gradient is the partial derivative
-    :math:`-\\frac{1}{N} \\sum_k r_{ik} (x_i - \\mu_k) / \\sigma^2_k` (envelope theorem),
-    added with the weight ``lower_bound_scale`` of shape (B,), or left out when it is None.
+    evaluated on the soft points only.
     """
-    # With c_k = (w^s_k + scale) / sigma^2_k, the sum over k is
+    # With c_k = w^s_k / sigma^2_k, the sum over k is
     # sum_k r_ik (c_k mu_k - w^mu_k / sigma^2_k) - x_i sum_k r_ik c_k.
-    logvar_weight = solution.log_variances
-    if lower_bound_scale is not None:
-        logvar_weight = logvar_weight + lower_bound_scale.view(-1, 1, 1)
-    linear = logvar_weight / variances
+    linear = solution.log_variances / variances
     constant = torch.addcmul(-solution.means / variances, linear, means)
     gradient = mix_affine_terms(x, responsibilities, constant, linear)
 
@@ -441,7 +434,6 @@ def hard_assignment_vjp(
     variances: Tensor,
     grad_means: Tensor,
     grad_variances: Tensor,
-    lower_bound_scale: Tensor | None,
     penalty: Penalty,
 ) -> Tensor:
     """Compute the gradient with respect to the points when no point has soft responsibilities, as (B, N, D).
@@ -456,17 +448,14 @@ def hard_assignment_vjp(
         -\\frac{\\partial (\\nabla_\\theta \\mathcal{L}^\\top w)}{\\partial x_i}
         = \\sum_k r_{ik} \\big(b_k + c_k \\odot (\\mu_k - x_i)\\big), \\qquad
         b_k = \\frac{\\bar\\mu_k}{N_k + \\kappa_0}, \\quad
-        c_k = \\frac{\\gamma}{\\sigma^2_k} - \\frac{2\\, \\bar\\sigma^2_k}{N_k + n_0},
+        c_k = -\\frac{2\\, \\bar\\sigma^2_k}{N_k + n_0},
 
     with :math:`\\bar\\mu_k, \\bar\\sigma^2_k` the gradients of the loss with respect to the
-    means and variances and :math:`\\gamma` ``lower_bound_scale`` (0 when None). The
-    gradient with respect to the weights has no effect here, since the weights depend on
-    the points only through soft responsibilities.
+    means and variances. The gradient with respect to the weights has no effect here,
+    because the weights depend on the points only through soft responsibilities.
     """
     counts = responsibilities.sum(dim=1).unsqueeze(-1)
     linear = torch.div(grad_variances, counts + penalty.variance_count).mul_(-2.0)
-    if lower_bound_scale is not None:
-        linear = torch.addcdiv(linear, lower_bound_scale.view(-1, 1, 1), variances)
     constant = torch.addcmul(grad_means / (counts + penalty.mean_count), linear, means)
     return mix_affine_terms(x, responsibilities, constant, linear)
 
@@ -565,30 +554,120 @@ def implicit_gradient(
     Tensor of shape (B, N, D), zero on padding. Sets with a singular Hessian or a
     non-finite result get zeros and a ``RuntimeWarning``.
     """
-    # Outputs that the loss does not use come as None. The lower-bound term is then left out,
-    # and the other gradients become zeros.
+    # Outputs that the loss does not use come as None. The lower-bound terms are then left
+    # out, and the other gradients become zeros.
     if grad_means is None:
         grad_means = torch.zeros_like(means)
     if grad_variances is None:
         grad_variances = torch.zeros_like(variances)
-    lower_bound_scale = None if grad_lower_bound is None else grad_lower_bound / member.sum(dim=-1)
-    soft = gather_soft_points(x, responsibilities, means, variances)
-    if soft is None:
-        grad_x = hard_assignment_vjp(
-            x, responsibilities, means, variances, grad_means, grad_variances, lower_bound_scale, penalty
-        )
-        return zero_failed_sets(
-            grad_x, None, "a component without points and mean_prior_count = 0, or overflow", failure_remedy(penalty)
-        )
-
     if grad_weights is None:
         grad_weights = torch.zeros_like(weights)
-    vector = parameter_cotangent(weights, variances, grad_weights, grad_means, grad_variances)
-    solution, soft, singular = solve_structured(
-        x, member, responsibilities, weights, means, variances, vector, penalty, soft
-    )
-    grad_x = stationarity_vjp(x, responsibilities, means, variances, solution, soft, lower_bound_scale)
-    return zero_failed_sets(grad_x, singular, "singular Hessian", failure_remedy(penalty))
+
+    direct = None
+    if grad_lower_bound is not None:
+        scale = grad_lower_bound / member.sum(dim=-1)
+        extra, direct = lower_bound_terms(x, member, responsibilities, weights, means, variances, scale, penalty)
+
+    soft = gather_soft_points(x, responsibilities, means, variances)
+    if soft is None:
+        if direct is not None:
+            grad_means = grad_means + extra.means
+            grad_variances = torch.addcdiv(grad_variances, extra.log_variances, variances)
+        grad_x = hard_assignment_vjp(x, responsibilities, means, variances, grad_means, grad_variances, penalty)
+        singular = None
+        reason = "a component without points and mean_prior_count = 0, or overflow"
+    else:
+        vector = parameter_cotangent(weights, variances, grad_weights, grad_means, grad_variances)
+        if direct is not None:
+            vector = ParameterVector(
+                vector.means + extra.means, vector.log_variances + extra.log_variances, vector.logits + extra.logits
+            )
+        solution, soft, singular = solve_structured(
+            x, member, responsibilities, weights, means, variances, vector, penalty, soft
+        )
+        grad_x = stationarity_vjp(x, responsibilities, means, variances, solution, soft)
+        reason = "singular Hessian"
+
+    if direct is not None:
+        grad_x = grad_x + direct
+    return zero_failed_sets(grad_x, singular, reason, failure_remedy(penalty))
+
+
+def lower_bound_terms(
+    x: Tensor,
+    member: Tensor,
+    responsibilities: Tensor,
+    weights: Tensor,
+    means: Tensor,
+    variances: Tensor,
+    scale: Tensor,
+    penalty: Penalty,
+) -> tuple[ParameterVector, Tensor]:
+    """Split the gradient of :math:`\\gamma \\mathcal{L}` through the fit into a cotangent for the solve and a direct term.
+
+    The derivative of :math:`\\mathcal{L}(\\theta^*(X), X)` is
+    :math:`\\partial_X \\mathcal{L} + (\\nabla_\\theta \\mathcal{L})^\\top \\partial_X \\theta^*`.
+    At an exact stationary point the second term vanishes (envelope theorem). EM stops at a
+    tolerance and the M-step rounds, so at the returned parameters
+    :math:`\\nabla_\\theta \\mathcal{L}` is small but not zero, and the direct term
+    divides it by the variances. In a float32 test with a component on a single point, at a
+    variance floor of 1e-10, rounding alone moved the direct term by about 80. Passing
+    :math:`\\gamma \\nabla_\\theta \\mathcal{L}` to the solve as a cotangent adds the
+    first-order correction towards the stationary point, which cancels that error. Both
+    terms use the explicit differences :math:`x_i - \\mu_k`, because the expanded products
+    of :func:`mix_affine_terms` would subtract terms that grow like :math:`1 / \\sigma^2`.
+    With :math:`S^1_k = \\sum_i r_{ik} (x_i - \\mu_k)` and
+    :math:`S^2_k = \\sum_i r_{ik} (x_i - \\mu_k)^2`,
+
+    .. math::
+
+        \\frac{\\partial \\mathcal{L}}{\\partial \\mu_k} = \\frac{S^1_k - \\kappa_0 \\mu_k}{\\sigma^2_k}, \\quad
+        \\frac{\\partial \\mathcal{L}}{\\partial s_k} = \\frac{1}{2} \\Big(\\frac{S^2_k + \\kappa_0 \\mu_k^2
+        + n_0 v_0}{\\sigma^2_k} - N_k - n_0\\Big), \\quad
+        \\frac{\\partial \\mathcal{L}}{\\partial \\eta_j} = N_j + \\lambda - \\pi_j (N + K \\lambda).
+
+    Parameters
+    ----------
+    x : Tensor of shape (B, N, D), padding zeroed
+    member : Tensor of shape (B, N)
+    responsibilities : Tensor of shape (B, N, K)
+    weights : Tensor of shape (B, K)
+    means, variances : Tensor of shape (B, K, D)
+    scale : Tensor of shape (B,)
+        :math:`\\gamma`, the gradient of the loss with respect to the lower bound over the
+        number of members.
+    penalty : Penalty
+
+    Returns
+    -------
+    cotangent : ParameterVector
+        :math:`\\gamma \\nabla_\\theta \\mathcal{L}`.
+    direct : Tensor of shape (B, N, D)
+        :math:`-\\gamma \\sum_k r_{ik} (x_i - \\mu_k) / \\sigma^2_k`.
+    """
+    n_components = weights.shape[-1]
+    precisions = variances.reciprocal()
+    direct = torch.zeros_like(x)
+    first_sums, second_sums = [], []
+    for component in range(n_components):
+        deviations = x - means[:, component : component + 1]
+        weighted = deviations * responsibilities[:, :, component : component + 1]
+        first_sums.append(weighted.sum(dim=1))
+        second_sums.append((weighted * deviations).sum(dim=1))
+        direct.addcmul_(weighted, precisions[:, component : component + 1], value=-1.0)
+
+    first = torch.stack(first_sums, dim=1)
+    second = torch.stack(second_sums, dim=1)
+    counts = responsibilities.sum(dim=1)
+    mean_gradient = (first - penalty.mean_count * means) * precisions
+    scatter = second + penalty.mean_count * means.square() + penalty.variance_count * penalty.variance
+    logvar_gradient = 0.5 * (scatter * precisions - (counts + penalty.variance_count).unsqueeze(-1))
+    total = member.sum(dim=-1, keepdim=True) + n_components * penalty.weight_count
+    logit_gradient = (counts + penalty.weight_count - weights * total)[:, :-1]
+
+    scale = scale.view(-1, 1, 1)
+    cotangent = ParameterVector(scale * mean_gradient, scale * logvar_gradient, scale.view(-1, 1) * logit_gradient)
+    return cotangent, direct.mul_(scale)
 
 
 class FiniteSetGradients(torch.autograd.Function):
