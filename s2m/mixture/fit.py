@@ -154,6 +154,10 @@ def fit_diagonal_gmm(
 
     NOTE: the code uses no device-specific calls, but it has only been run on the CPU.
 
+    Gradients come from ``torch.autograd`` (``backward()`` or ``torch.autograd.grad``). The
+    ``torch.func`` transforms are not supported, because the layer's autograd Functions do
+    not define ``setup_context``.
+
     float32 and float64 run the same code. The objective of the convergence test is summed
     in float64 in both, because a float32 sum of tens of log-likelihoods of a few hundred
     nats each has an error near 1e-3, far above the default ``tol``. Rounding noise in

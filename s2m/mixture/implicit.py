@@ -21,7 +21,8 @@ gives, for a loss with :math:`v = \\partial \\mathrm{loss} / \\partial \\theta`,
 This is exact only at an exact stationary point. The parameters EM returns are the
 M-step of the responsibilities one iteration earlier, so the remaining error is
 proportional to the last EM step. Run EM to a tight tolerance when gradients must be
-accurate.
+accurate. The gradient of the lower bound also corrects for that step to first order
+(:func:`lower_bound_terms`).
 
 With :math:`\\ell_{ik} = \\log \\pi_k + \\log \\mathcal{N}(x_i \\mid \\mu_k, \\sigma^2_k)`,
 :math:`r_{ik}` the responsibilities, :math:`g_{ik} = \\nabla_\\theta \\ell_{ik}` and
