@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import logging
 import pkgutil
+import re
 import traceback
 from collections.abc import Mapping
 from types import ModuleType
@@ -24,6 +25,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = ["SetMethod", "discover_baselines", "get_baseline"]
+
+# Baseline names become wildcards and file names in the workflow.
+VALID_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class SetMethod(abc.ABC):
@@ -117,13 +121,28 @@ class SetMethod(abc.ABC):
 
 
 def _methods_defined_in(module: ModuleType) -> list[type[SetMethod]]:
-    return [
-        cls
-        for _, cls in inspect.getmembers(module, inspect.isclass)
-        if issubclass(cls, SetMethod)
-        and cls.__module__ == module.__name__
-        and not inspect.isabstract(cls)
-    ]
+    """Return the concrete SetMethod subclasses defined in ``module``.
+
+    An abstract subclass without a ``name`` of its own is a shared base class and is
+    skipped. One that sets ``name`` is meant as a baseline, so its missing methods are an
+    error rather than a reason to leave it out silently.
+    """
+    methods = []
+    for _, cls in inspect.getmembers(module, inspect.isclass):
+        if not issubclass(cls, SetMethod) or cls.__module__ != module.__name__:
+            continue
+
+        if inspect.isabstract(cls):
+            if "name" in vars(cls):
+                missing = ", ".join(sorted(cls.__abstractmethods__))
+                raise ValueError(
+                    f"Baseline {cls.__qualname__} (name {cls.name!r}) in {inspect.getfile(cls)} does not "
+                    f"implement {missing}. Define them with these exact names, as in SetMethod, or remove "
+                    "the name attribute if the class is only a base for other baselines."
+                )
+            continue
+        methods.append(cls)
+    return methods
 
 
 def discover_baselines(package: str | ModuleType | None = None) -> dict[str, type[SetMethod]]:
@@ -196,6 +215,12 @@ def _register(registry: dict[str, type[SetMethod]], cls: type[SetMethod]) -> Non
         raise ValueError(
             f"{qualified_name} has no valid name (got {name!r}). Set the class "
             f"attribute name to a non-empty string such as 'my_method'."
+        )
+    if not VALID_NAME.fullmatch(name):
+        raise ValueError(
+            f"{qualified_name} has the name {name!r}, which contains characters other than letters, "
+            "digits, '_' and '-'. The name becomes part of output file names; rename it, for example "
+            f"to {re.sub(r'[^A-Za-z0-9_-]', '_', name)!r}."
         )
 
     if name in registry:

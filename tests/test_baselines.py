@@ -122,6 +122,60 @@ def test_discovery_skips_private_and_imported(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "source, error",
     [
+        (
+            "class Half(SetMethod):\n    name = 'half'\n    def fit(self, concept_set):\n        return self\n",
+            r"Baseline Half \(name 'half'\) in .*half_methods/module.py does not implement score\. ",
+        ),
+        (
+            "class Odd(SetMethod):\n    name = 'median+v2'\n"
+            "    def fit(self, concept_set):\n        return self\n"
+            "    def score(self, gallery):\n        return gallery[:, 0]\n",
+            r"has the name 'median\+v2', which contains characters other than .* 'median_v2'",
+        ),
+    ],
+    ids=["missing-method", "bad-characters"],
+)
+def test_discovery_rejects_half_written_baselines(tmp_path, monkeypatch, source, error):
+    package = tmp_path / "half_methods"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "module.py").write_text("from baselines import SetMethod\n" + source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    try:
+        with pytest.raises(ValueError, match=error):
+            discover_baselines("half_methods")
+    finally:
+        for module in ("half_methods", "half_methods.module"):
+            sys.modules.pop(module, None)
+
+
+def test_discovery_skips_abstract_base_without_name(tmp_path, monkeypatch):
+    package = tmp_path / "base_methods"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "module.py").write_text(
+        "from baselines import SetMethod\n"
+        "class Base(SetMethod):\n"
+        "    def fit(self, concept_set):\n"
+        "        return self\n"
+        "class Child(Base):\n"
+        "    name = 'child'\n"
+        "    def score(self, gallery):\n"
+        "        return gallery[:, 0]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    try:
+        assert list(discover_baselines("base_methods")) == ["child"]
+    finally:
+        for module in ("base_methods", "base_methods.module"):
+            sys.modules.pop(module, None)
+
+
+@pytest.mark.parametrize(
+    "source, error",
+    [
         ("import os\nimport no_such_package_for_s2m\n", r"line 2, failed to import: ModuleNotFoundError"),
         ("x = 1\n\ndef broken(:\n", r"line 3, failed to import: SyntaxError"),
         ("VALUE = undefined_name\n", r"line 1, failed to import: NameError"),

@@ -46,6 +46,8 @@ def test_reorder_restores_default_key_order():
         ({"omniglot": {"meta_training": {"steps": 0}}}, "0"),
         ({"datasets": ["mnist"]}, "'mnist'"),
         ({"meta_trained": {"avg": {"label": "AVG", "set_model": "svm"}}}, "'svm'"),
+        ({"meta_trained": {"s2m+v2": {"label": "S2M", "set_model": "gmm"}}}, "'s2m+v2'"),
+        ({"baselines": {"median+v2": {"label": "Median"}}}, "'median+v2'"),
         ({"omniglot": {"pretraining": {"epochs": 2, "batch_size": 4, "learning_rate": 1, "momentum": 0.9}}}, "momentum"),
     ],
 )

@@ -1,5 +1,7 @@
 # Names and paths shared by the rules.
 
+import re
+
 from s2m.config import check_config_consistency
 
 check_config_consistency(config)
@@ -12,8 +14,24 @@ METHODS = BASELINES + VARIANTS
 THREADS = config["threads"]
 
 
+def code_version():
+    """The commit and the flag for uncommitted code changes that tables and the report print.
+
+    A parameter of those rules, so that Snakemake's params rerun trigger remakes them after
+    a commit or a code change, and their captions never name an older commit.
+    """
+    from s2m.config import REPOSITORY_ROOT
+    from s2m.reporting import provenance
+
+    info = provenance(config, REPOSITORY_ROOT)
+    return f"{info['git_commit']} uncommitted changes: {info['git_dirty']}"
+
+
+CODE_VERSION = code_version()
+
+
 def _choice(names):
-    return "|".join(sorted(names, key=len, reverse=True))
+    return "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
 
 
 wildcard_constraints:

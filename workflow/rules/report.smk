@@ -13,6 +13,7 @@ rule table:
         figure=f"{RESULTS}/figures/{{dataset}}_map_vs_noise.png",
     params:
         settings=settings("evaluation", "baselines", "meta_trained", "{dataset}.protocols", labels=True),
+        code=CODE_VERSION,
     log:
         f"{RESULTS}/logs/table/{{dataset}}.log",
     benchmark:
@@ -36,6 +37,8 @@ rule report:
         ),
     output:
         f"{RESULTS}/report.md",
+    params:
+        code=CODE_VERSION,
     log:
         f"{RESULTS}/logs/report.log",
     benchmark:
