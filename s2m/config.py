@@ -109,7 +109,7 @@ def check_config_consistency(config: dict) -> None:
     if overlap:
         raise ConfigError(
             f"Method names {sorted(overlap)} appear both in meta_trained and in "
-            "baselines. Rename one of them, since each names an output folder."
+            "baselines. Rename one of them, since each names an output file."
         )
 
     check_baselines(config["baselines"])

@@ -165,6 +165,7 @@ def evaluate_problems(
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
         score_rows = _score_batched(
+            method,
             fit_score_batch,
             descriptors,
             concept_sets,
@@ -180,6 +181,14 @@ def evaluate_problems(
     rows = []
     problems = zip(concepts, concept_sets, score_rows, relevance)
     for concept, concept_set, scores, relevant in problems:
+        if not np.all(np.isfinite(scores)):
+            n_bad = int(np.sum(~np.isfinite(scores)))
+            raise ValueError(
+                f"{type(method).__name__} returned {n_bad} NaN or infinite values among its {scores.size} "
+                f"scores for concept {concept!r}. Check its score() output, or fit_score_batch() where it "
+                "has one."
+            )
+
         rows.append(
             {
                 "concept": concept,
@@ -265,7 +274,14 @@ def _score_one_by_one(
     for concept, concept_set in zip(
         concepts, tqdm(concept_sets, desc=progress_desc, unit="problem")
     ):
-        scores = np.asarray(method.fit(descriptors[concept_set]).score(gallery_descriptors))
+        fitted = method.fit(descriptors[concept_set])
+        if fitted is None:
+            raise ValueError(
+                f"{type(method).__name__}.fit returned None for concept {concept!r}; "
+                "end fit with 'return self', so that fit(...).score(...) works."
+            )
+
+        scores = np.asarray(fitted.score(gallery_descriptors))
         if scores.shape != (n_gallery,):
             raise ValueError(
                 f"{type(method).__name__}.score returned shape {scores.shape} for concept "
@@ -276,6 +292,7 @@ def _score_one_by_one(
 
 
 def _score_batched(
+    method: Any,
     fit_score_batch: Any,
     descriptors: np.ndarray,
     concept_sets: list[np.ndarray],
@@ -293,7 +310,7 @@ def _score_batched(
             scores = np.asarray(fit_score_batch(batch, gallery_descriptors))
             if scores.shape != (len(batch), n_gallery):
                 raise ValueError(
-                    f"fit_score_batch returned shape {scores.shape} for problems "
+                    f"{type(method).__name__}.fit_score_batch returned shape {scores.shape} for problems "
                     f"{start}..{start + len(batch) - 1}; expected ({len(batch)}, {n_gallery})."
                 )
 

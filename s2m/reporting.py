@@ -32,6 +32,18 @@ from s2m.evaluation import mean_average_precision
 
 logger = logging.getLogger(__name__)
 
+#: Markers of the figure's lines, one per group of 10 methods (see :func:`method_marker`).
+FIGURE_MARKERS = ("o", "s", "^", "D")
+
+
+def method_marker(index: int) -> str:
+    """Return the marker of the ``index``-th method's line in the figure.
+
+    matplotlib's default colour cycle has 10 colours, so the 11th method repeats the first
+    colour. It gets another marker, so that every line stays distinguishable.
+    """
+    return FIGURE_MARKERS[(index // 10) % len(FIGURE_MARKERS)]
+
 __all__ = [
     "SUMMARY_COLUMNS",
     "format_table",
@@ -312,11 +324,12 @@ def plot_map_vs_noise(
     figure = Figure(figsize=(6.0, 4.0), dpi=150)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for method in methods:
+    for index, method in enumerate(methods):
         points = noisy[noisy["method"] == method].sort_values("noise")
         error = np.vstack([points["map"] - points["ci_low"], points["ci_high"] - points["map"]])
+
         axes.errorbar(
-            points["noise"], points["map"], yerr=error, marker="o", capsize=3, label=method
+            points["noise"], points["map"], yerr=error, marker=method_marker(index), capsize=3, label=method
         )
 
     axes.set_xlabel("Fraction of noise images in the concept set")

@@ -144,7 +144,7 @@ def test_evaluate_problems_batched_bad_shape():
         def fit_score_batch(self, concept_sets, gallery):
             return super().fit_score_batch(concept_sets, gallery)[:, :-1]
 
-    with pytest.raises(ValueError, match=r"fit_score_batch returned shape \(2, 124\)"):
+    with pytest.raises(ValueError, match=r"Truncating.fit_score_batch returned shape \(2, 124\)"):
         evaluate_problems(Truncating(), *_problems(), batch_size=2)
 
 
@@ -165,8 +165,17 @@ class _NanForConcept:
 
 
 def test_evaluate_problems_non_finite_names_concept():
-    with pytest.raises(ValueError, match="problem 'concept_2'"):
+    with pytest.raises(ValueError, match=r"_NanForConcept returned 1 NaN or infinite values among its 125 scores for concept 'concept_2'"):
         evaluate_problems(_NanForConcept(bad_index=2), *_problems())
+
+
+def test_evaluate_problems_fit_must_return_self():
+    class NoReturn(_NanForConcept):
+        def fit(self, concept_set):
+            self.calls += 1
+
+    with pytest.raises(ValueError, match=r"NoReturn.fit returned None for concept 'concept_0'; end fit with 'return self'"):
+        evaluate_problems(NoReturn(bad_index=-1), *_problems())
 
 
 def test_evaluate_problems_rejects_no_relevant_concept():

@@ -16,6 +16,7 @@ from s2m.reporting import (
     SUMMARY_COLUMNS,
     config_sha256,
     format_table,
+    method_marker,
     plot_map_vs_noise,
     provenance,
     summarise_aps,
@@ -152,6 +153,14 @@ def test_plot_writes_reproducible_png(summary, tmp_path):
     assert image.ndim == 3
     assert image.shape[0] > 100
     assert image.shape[1] > 100
+
+
+def test_method_marker_changes_with_colour_cycle():
+    markers = [method_marker(index) for index in range(21)]
+
+    assert set(markers[:10]) == {"o"}
+    assert set(markers[10:20]) == {"s"}
+    assert markers[20] == "^"
 
 
 def test_plot_rejects_unknown_protocol(summary, tmp_path):
