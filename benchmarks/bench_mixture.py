@@ -620,10 +620,10 @@ def build_section(plan: Plan, settings: Settings, forward_rows, backward_rows, e
         "",
         *describe_machine(settings),
         f"- timed runs, of which the best is reported: {FORWARD_REPEAT_FACTOR * settings.repeats} for each s2m "
-        f"forward fit and {BACKWARD_REPEAT_FACTOR * settings.repeats} for each backward (implicit and unrolled "
-        f"interleaved), each after one warm-up run, and {settings.repeats} for scikit-learn, alternating with "
-        "the s2m forward fit, without a warm-up. The dense solve and each peak memory are measured once. "
-        f"The whole run took {elapsed_s / 60:.1f} min",
+        f"forward fit and {BACKWARD_REPEAT_FACTOR * settings.repeats} for each backward, each after one warm-up "
+        f"run. The implicit and unrolled backward are interleaved. scikit-learn runs {settings.repeats} times, "
+        "alternating with the s2m forward fit, without a warm-up. The dense solve and each peak memory are "
+        f"measured once. The whole run took {elapsed_s / 60:.1f} min",
         "",
         *forward_table(forward_rows, plan),
         "",
