@@ -609,10 +609,16 @@ def measurement_command(argv: list[str]) -> str:
 def build_section(plan: Plan, settings: Settings, forward_rows, backward_rows, elapsed_s: float) -> list[str]:
     command = measurement_command(sys.argv)
     title = "CUDA" if settings.device.startswith("cuda") else "CPU"
+
+    # A quick run only checks that everything works, so it should not replace the record.
+    if plan.judged:
+        reproduce = "Reproduce with (add `--output docs/benchmarks.md` to replace this section):"
+    else:
+        reproduce = "Reproduce with (quick sizes, no verdicts; drop `--quick` for the recorded sizes):"
     return [
         f"### {title} results",
         "",
-        "Reproduce with (add `--output docs/benchmarks.md` to replace this section):",
+        reproduce,
         "",
         "```",
         command,

@@ -56,6 +56,16 @@ def test_section_appended_when_missing(bench, tmp_path):
     assert text.rstrip().endswith("<!-- bench_mixture cpu end -->")
 
 
+@pytest.mark.parametrize(("plan_name", "hint"), [("FULL_PLAN", "add `--output"), ("QUICK_PLAN", "drop `--quick`")])
+def test_section_hint_matches_plan(bench, plan_name, hint):
+    settings = bench.Settings("cpu", 1, (1,), 1, 1.0, 1.0)
+
+    section = bench.build_section(getattr(bench, plan_name), settings, [], [], 60.0)
+
+    assert section[0] == "### CPU results"
+    assert hint in section[2]
+
+
 def test_code_line_names_commit(bench):
     line = bench.describe_code()
     head = subprocess.run(
