@@ -150,7 +150,7 @@ def evaluate_problems(
     ValueError
         On inconsistent shapes, out-of-range indices, a problem with no
         relevant gallery item, or a non-finite score (the message names the
-        concept).
+        method and the concept).
     """
     descriptors = np.asarray(descriptors)
     gallery = np.asarray(gallery)
@@ -184,9 +184,8 @@ def evaluate_problems(
         if not np.all(np.isfinite(scores)):
             n_bad = int(np.sum(~np.isfinite(scores)))
             raise ValueError(
-                f"{type(method).__name__} returned {n_bad} NaN or infinite values among its {scores.size} "
-                f"scores for concept {concept!r}. Check its score() output, or fit_score_batch() where it "
-                "has one."
+                f"{type(method).__name__} returned {n_bad} of {scores.size} scores as NaN or infinite for "
+                f"concept {concept!r}. Check its score() output, or fit_score_batch() where it has one."
             )
 
         rows.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import textwrap
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -20,6 +21,23 @@ SHIPPED_BASELINES = {"gmm", "linear_svm", "mean_embedding", "nearest_neighbour"}
 # parametrised tests below without editing this file.
 ALL_BASELINES = sorted(discover_baselines())
 N_FEATURES = 16
+
+
+@contextmanager
+def method_package(tmp_path, monkeypatch, package_name: str, modules: dict[str, str]):
+    """Write a package of baseline modules under ``tmp_path``, importable while the block runs."""
+    package = tmp_path / package_name
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for module_name, source in modules.items():
+        (package / f"{module_name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    try:
+        yield package_name
+    finally:
+        for module_name in [package_name, *(f"{package_name}.{name}" for name in modules)]:
+            sys.modules.pop(module_name, None)
 
 
 def _unit_blob(rng: np.random.Generator, centre: np.ndarray, n: int, spread: float = 0.05) -> np.ndarray:
@@ -67,9 +85,6 @@ def test_discovery_finds_shipped_baselines():
 
 
 def test_discovery_rejects_duplicate_names(tmp_path, monkeypatch):
-    package = tmp_path / "dup_methods"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
     module_text = textwrap.dedent(
         """
         from baselines import SetMethod
@@ -84,39 +99,29 @@ def test_discovery_rejects_duplicate_names(tmp_path, monkeypatch):
                 return gallery[:, 0]
         """
     )
-    (package / "first.py").write_text(module_text.format(cls="First"))
-    (package / "second.py").write_text(module_text.format(cls="Second"))
-    monkeypatch.syspath_prepend(str(tmp_path))
+    modules = {"first": module_text.format(cls="First"), "second": module_text.format(cls="Second")}
 
-    try:
+    with method_package(tmp_path, monkeypatch, "dup_methods", modules) as package:
         with pytest.raises(ValueError, match="Duplicate baseline name 'same'"):
-            discover_baselines("dup_methods")
-    finally:
-        for module in ("dup_methods", "dup_methods.first", "dup_methods.second"):
-            sys.modules.pop(module, None)
+            discover_baselines(package)
 
 
 def test_discovery_skips_private_and_imported(tmp_path, monkeypatch):
-    package = tmp_path / "other_methods"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "_helpers.py").write_text(
-        "from baselines import SetMethod\n"
-        "class Hidden(SetMethod):\n"
-        "    name = 'hidden'\n"
-        "    def fit(self, concept_set):\n"
-        "        return self\n"
-        "    def score(self, gallery):\n"
-        "        return gallery[:, 0]\n"
-    )
-    (package / "reexport.py").write_text("from baselines.mean_embedding import MeanEmbedding\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    modules = {
+        "_helpers": (
+            "from baselines import SetMethod\n"
+            "class Hidden(SetMethod):\n"
+            "    name = 'hidden'\n"
+            "    def fit(self, concept_set):\n"
+            "        return self\n"
+            "    def score(self, gallery):\n"
+            "        return gallery[:, 0]\n"
+        ),
+        "reexport": "from baselines.mean_embedding import MeanEmbedding\n",
+    }
 
-    try:
-        assert discover_baselines("other_methods") == {}
-    finally:
-        for module in ("other_methods", "other_methods._helpers", "other_methods.reexport"):
-            sys.modules.pop(module, None)
+    with method_package(tmp_path, monkeypatch, "other_methods", modules) as package:
+        assert discover_baselines(package) == {}
 
 
 @pytest.mark.parametrize(
@@ -136,25 +141,15 @@ def test_discovery_skips_private_and_imported(tmp_path, monkeypatch):
     ids=["missing-method", "bad-characters"],
 )
 def test_discovery_rejects_half_written_baselines(tmp_path, monkeypatch, source, error):
-    package = tmp_path / "half_methods"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "module.py").write_text("from baselines import SetMethod\n" + source)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    modules = {"module": "from baselines import SetMethod\n" + source}
 
-    try:
+    with method_package(tmp_path, monkeypatch, "half_methods", modules) as package:
         with pytest.raises(ValueError, match=error):
-            discover_baselines("half_methods")
-    finally:
-        for module in ("half_methods", "half_methods.module"):
-            sys.modules.pop(module, None)
+            discover_baselines(package)
 
 
 def test_discovery_skips_abstract_base_without_name(tmp_path, monkeypatch):
-    package = tmp_path / "base_methods"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "module.py").write_text(
+    source = (
         "from baselines import SetMethod\n"
         "class Base(SetMethod):\n"
         "    def fit(self, concept_set):\n"
@@ -164,13 +159,9 @@ def test_discovery_skips_abstract_base_without_name(tmp_path, monkeypatch):
         "    def score(self, gallery):\n"
         "        return gallery[:, 0]\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
 
-    try:
-        assert list(discover_baselines("base_methods")) == ["child"]
-    finally:
-        for module in ("base_methods", "base_methods.module"):
-            sys.modules.pop(module, None)
+    with method_package(tmp_path, monkeypatch, "base_methods", {"module": source}) as package:
+        assert list(discover_baselines(package)) == ["child"]
 
 
 @pytest.mark.parametrize(
@@ -183,18 +174,10 @@ def test_discovery_skips_abstract_base_without_name(tmp_path, monkeypatch):
     ids=["missing-import", "syntax-error", "name-error"],
 )
 def test_discovery_names_module_that_fails(tmp_path, monkeypatch, source, error):
-    package = tmp_path / "broken_methods"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "broken.py").write_text(source)
-    monkeypatch.syspath_prepend(str(tmp_path))
-
-    try:
+    with method_package(tmp_path, monkeypatch, "broken_methods", {"broken": source}) as package:
         with pytest.raises(ImportError, match=rf"broken_methods/broken.py, {error}") as raised:
-            discover_baselines("broken_methods")
-    finally:
-        for module in ("broken_methods", "broken_methods.broken"):
-            sys.modules.pop(module, None)
+            discover_baselines(package)
+
     assert "leading underscore" in str(raised.value)
 
 

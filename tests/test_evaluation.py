@@ -165,11 +165,11 @@ class _NanForConcept:
 
 
 def test_evaluate_problems_non_finite_names_concept():
-    with pytest.raises(ValueError, match=r"_NanForConcept returned 1 NaN or infinite values among its 125 scores for concept 'concept_2'"):
+    with pytest.raises(ValueError, match=r"_NanForConcept returned 1 of 125 scores as NaN or infinite for concept 'concept_2'"):
         evaluate_problems(_NanForConcept(bad_index=2), *_problems())
 
 
-def test_evaluate_problems_fit_must_return_self():
+def test_fit_returning_none_raises():
     class NoReturn(_NanForConcept):
         def fit(self, concept_set):
             self.calls += 1

@@ -309,7 +309,7 @@ def test_lower_bound_terms_match_autograd(n_components):
         torch.testing.assert_close(direct[index], expected_x, rtol=1e-10, atol=1e-12)
 
 
-def test_float32_lower_bound_gradient_with_point_component():
+def test_float32_lower_bound_single_point_component():
     # One outlier gets a component of its own, whose variance sits at the prior floor of
     # about 1e-10, so any rounding in x - mu is divided by 1e-10.
     x = clustered_sets(1, 11, 2, 1, noise=0.1, normalize=False, seed=35)

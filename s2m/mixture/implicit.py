@@ -89,6 +89,18 @@ class ParameterVector:
     log_variances: Tensor
     logits: Tensor
 
+    def __add__(self, other: ParameterVector) -> ParameterVector:
+        """Add two vectors block by block."""
+        return ParameterVector(
+            self.means + other.means, self.log_variances + other.log_variances, self.logits + other.logits
+        )
+
+    def __sub__(self, other: ParameterVector) -> ParameterVector:
+        """Subtract ``other`` block by block."""
+        return ParameterVector(
+            self.means - other.means, self.log_variances - other.log_variances, self.logits - other.logits
+        )
+
     def pack(self) -> Tensor:
         """Flatten into the layout ``[means, log_variances, logits]``, shape (B, P)."""
         return torch.cat([self.means.flatten(1), self.log_variances.flatten(1), self.logits], dim=1)
@@ -380,12 +392,7 @@ def solve_structured(
         soft = gather_soft_points(x, responsibilities, means, variances)
     if soft is not None:
         correction, singular = woodbury_correction(soft, inverse, solution)
-        correction = inverse.apply(correction)
-        solution = ParameterVector(
-            solution.means - correction.means,
-            solution.log_variances - correction.log_variances,
-            solution.logits - correction.logits,
-        )
+        solution = solution - inverse.apply(correction)
     return solution, soft, singular
 
 
@@ -561,28 +568,30 @@ def implicit_gradient(
         grad_means = torch.zeros_like(means)
     if grad_variances is None:
         grad_variances = torch.zeros_like(variances)
-    if grad_weights is None:
-        grad_weights = torch.zeros_like(weights)
 
     direct = None
     if grad_lower_bound is not None:
         scale = grad_lower_bound / member.sum(dim=-1)
-        extra, direct = lower_bound_terms(x, member, responsibilities, weights, means, variances, scale, penalty)
+        lower_bound_cotangent, direct = lower_bound_terms(
+            x, member, responsibilities, weights, means, variances, scale, penalty
+        )
 
     soft = gather_soft_points(x, responsibilities, means, variances)
     if soft is None:
+        # The weights do not move the points here, so only the mean and variance parts of
+        # the lower-bound cotangent count. The variance part converts from log-variances.
         if direct is not None:
-            grad_means = grad_means + extra.means
-            grad_variances = torch.addcdiv(grad_variances, extra.log_variances, variances)
+            grad_means = grad_means + lower_bound_cotangent.means
+            grad_variances = torch.addcdiv(grad_variances, lower_bound_cotangent.log_variances, variances)
         grad_x = hard_assignment_vjp(x, responsibilities, means, variances, grad_means, grad_variances, penalty)
         singular = None
         reason = "a component without points and mean_prior_count = 0, or overflow"
     else:
+        if grad_weights is None:
+            grad_weights = torch.zeros_like(weights)
         vector = parameter_cotangent(weights, variances, grad_weights, grad_means, grad_variances)
         if direct is not None:
-            vector = ParameterVector(
-                vector.means + extra.means, vector.log_variances + extra.log_variances, vector.logits + extra.logits
-            )
+            vector = vector + lower_bound_cotangent
         solution, soft, singular = solve_structured(
             x, member, responsibilities, weights, means, variances, vector, penalty, soft
         )
